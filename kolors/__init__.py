@@ -1,0 +1,1 @@
+"""kolors: a lean PyTorch engine for the Kolors text-to-image model."""
