@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kolors.errors import KolorsError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(KolorsError):
     """A config file that is missing, unreadable or lacks a field the component needs."""
 
 
