@@ -16,6 +16,8 @@ from pathlib import Path
 import sentencepiece
 import torch
 
+from kolors.errors import KolorsError
+
 # ChatGLM3 appends these after the sentencepiece vocabulary, in this order; they are not pieces of the
 # sentencepiece model, so no text ever encodes to them (typing "[gMASK]" gives ordinary pieces).
 SPECIAL_TOKENS = (
@@ -33,7 +35,7 @@ PAD_ID = 0  # ChatGLM pads with the sentencepiece unk id, which is 0
 MODEL_FILES = ("tokenizer.model", "vocab.txt")  # Kolors-diffusers ships the same file under both names
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KolorsError):
     """A tokenizer file that is not a sentencepiece model."""
 
 
