@@ -1,0 +1,146 @@
+"""kolors.unet against diffusers' UNet2DConditionModel: same weights (strict load), same outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kolors.config import ConfigError, from_dict, load_config
+from kolors.unet import UNet2DConditionModel, UNetConfig
+from tests.reference import REFERENCE, TE_HIDDEN, TINY_UNET, randomize_
+
+FULL_CONFIG = REFERENCE / "unet" / "config.json"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """diffusers' tiny UNet (seeded, conv_out randomised as in tests.reference) and ours, loaded strictly
+    from its state dict, with our config read from the config.json diffusers saves."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    torch.manual_seed(0)
+    ref = DiffusersUNet(**TINY_UNET).eval()
+    randomize_(ref.conv_out, 2)  # zero-initialised: every output would be 0 and every comparison pass
+    path = tmp_path_factory.mktemp("unet")
+    ref.save_config(path)
+    ours = UNet2DConditionModel(load_config(UNetConfig, path / "config.json")).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, ours
+
+
+def make_inputs(batch: int, h: int, w: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        sample=torch.randn(batch, 4, h, w, generator=g),
+        timestep=torch.tensor([999.0, 37.5, 500.0, 1.0][:batch]),  # distinct per batch element
+        encoder_hidden_states=torch.randn(batch, 7, TE_HIDDEN, generator=g),
+        text_embeds=torch.randn(batch, TE_HIDDEN, generator=g),
+        time_ids=torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1280, 16, 8, 768, 1280]] * 2)[:batch],
+    )
+
+
+@torch.no_grad()
+def run_both(ref, ours, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    expected = ref(
+        inputs["sample"],
+        inputs["timestep"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        added_cond_kwargs=dict(text_embeds=inputs["text_embeds"], time_ids=inputs["time_ids"]),
+    ).sample
+    return expected, ours(**inputs)
+
+
+# 8x12: non-square, divisible by 2**(levels-1). 10x14: odd sizes after one downsample, which diffusers
+# handles by forwarding the skip sizes to the upsamplers.
+@pytest.mark.parametrize("h,w", [(8, 12), (10, 14)])
+def test_matches_diffusers_float32(models, h, w):
+    ref, ours = models
+    expected, actual = run_both(ref, ours, make_inputs(2, h, w))
+    assert actual.shape == expected.shape == (2, 4, h, w)
+    assert expected.abs().max() > 1.0  # a live output, not a zero-initialised one
+    diff = (actual - expected).abs().max().item()
+    print(f"float32 {h}x{w}: max abs diff {diff:.3g}, output max {expected.abs().max().item():.3g}")
+    assert diff <= 1e-5
+
+
+def test_scalar_timestep_broadcasts(models):
+    ref, ours = models
+    inputs = make_inputs(2, 8, 8) | dict(timestep=torch.tensor(421.0))
+    expected, actual = run_both(ref, ours, inputs)
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def test_every_condition_moves_the_output(models):
+    """The parity tests only mean something if each input matters well beyond their tolerance."""
+    _, ours = models
+    inputs = make_inputs(2, 8, 12)
+    with torch.no_grad():
+        base = ours(**inputs)
+        for name in ("timestep", "encoder_hidden_states", "text_embeds", "time_ids"):
+            changed = ours(**inputs | {name: inputs[name] + 1.0})
+            assert (changed - base).abs().max().item() > 1e-2, name
+
+
+def test_matches_diffusers_bfloat16(models):
+    ref, ours = models
+    ref_bf16, ours_bf16 = copy.deepcopy(ref).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
+    inputs = {
+        k: v if k == "timestep" else v.to(torch.bfloat16)  # the pipeline passes a float32 timestep
+        for k, v in make_inputs(2, 8, 12).items()
+    }
+    expected, actual = run_both(ref_bf16, ours_bf16, inputs)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    diff = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    print(f"bfloat16: max abs diff {diff:.3g}, output max {scale:.3g}")
+    assert diff <= 1e-2 * scale
+
+
+def test_config_reads_heads_as_diffusers_does():
+    cfg = from_dict(UNetConfig, dict(TINY_UNET))
+    assert cfg.heads == (1, 2, 4)  # attention_head_dim, read as head counts
+    assert cfg.transformer_depth == (1, 1, 2)
+    assert cfg.layers == (2, 2, 2)
+    assert cfg.time_embed_dim == 4 * TINY_UNET["block_out_channels"][0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(use_linear_projection=False),
+        dict(num_attention_heads=(1, 2, 4)),
+        dict(addition_embed_type="text"),
+        dict(encoder_hid_dim_type="image_proj"),
+        dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D")),
+        dict(mid_block_type=None),  # null in diffusers means no mid block
+        dict(upcast_attention=True),
+        dict(resnet_time_scale_shift="scale_shift"),
+        dict(time_cond_proj_dim=32),
+        dict(attention_head_dim=(1, 3, 4)),  # 64 channels do not split into 3 heads
+        dict(transformer_layers_per_block=(1, 1)),
+    ],
+)
+def test_unsupported_config_is_an_error(change):
+    with pytest.raises(ConfigError):
+        from_dict(UNetConfig, dict(TINY_UNET) | change)
+
+
+def test_full_size_on_meta_device():
+    if not FULL_CONFIG.is_file():
+        pytest.skip(f"the Kolors reference folder is absent ({REFERENCE})")
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    cfg = load_config(UNetConfig, FULL_CONFIG)
+    assert cfg.heads == (5, 10, 20)
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(cfg)
+        ref = DiffusersUNet.from_config(DiffusersUNet.load_config(FULL_CONFIG))
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert sum(p.numel() for p in ours.parameters()) == 2_579_458_820
+    assert len(ours_sd) == 1682
+    assert set(ours_sd) == set(ref_sd)
+    assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
+    attn = ours.down_blocks[2].attentions[0].transformer_blocks[9].attn2
+    assert attn.heads == 20 and attn.to_k.in_features == 2048
