@@ -114,7 +114,7 @@ def _train_sigmas(config: SchedulerConfig) -> np.ndarray:
 
 
 def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Lin et al. 2023 (arXiv:2305.08891), Algorithm 1: shift sqrt(alphas_cumprod) so the last step is pure noise."""
+    """Lin et al. 2023 (arXiv:2305.08891), Algorithm 1: zero terminal SNR, the last step pure noise."""
     alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
     alphas_bar_sqrt -= last
@@ -125,7 +125,7 @@ def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 def _spaced_timesteps(config: SchedulerConfig, steps: int) -> np.ndarray:
-    """Euler's discrete timesteps, descending: Table 2 of arXiv:2305.08891 ("linspace", "leading", "trailing")."""
+    """Euler's discrete timesteps, descending, spaced as in Table 2 of arXiv:2305.08891."""
     n = config.num_train_timesteps
     if config.timestep_spacing == "linspace":
         return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
@@ -145,7 +145,7 @@ def _karras(sigma_max: float, sigma_min: float, steps: int) -> np.ndarray:
 
 
 def _sigma_to_t(sigma: np.floating, log_sigmas: np.ndarray) -> np.ndarray:
-    """The fractional training timestep of `sigma`, interpolating linearly in log sigma (diffusers' _sigma_to_t)."""
+    """The fractional training timestep of `sigma`, linear in log sigma (diffusers' _sigma_to_t)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
     low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
@@ -267,10 +267,12 @@ def sample(
 
 def img2img_start(schedule: Schedule, strength: float, steps: int | None = None) -> int:
     """Index of the first step image-to-image keeps, as KolorsImg2ImgPipeline.get_timesteps (both schedulers
-    are order 1). Equals the step count, so that no step runs, when int(steps * strength) is 0."""
+    are order 1). Equals the step count, so that no step runs, when int(steps * strength) is 0.
+
+    The count is the schedule's own, as in diffusers, whose retrieve_timesteps replaces the requested
+    `steps` by len(timesteps): they differ for "trailing" spacing at some counts (15 gives 16 timesteps)."""
+    del steps  # the requested count: only the schedule's is right
     n = schedule.steps
-    if steps is not None and steps != n:
-        raise KolorsError(f"img2img_start: steps={steps} but the schedule has {n} steps")
     if not 0.0 <= strength <= 1.0:
         raise KolorsError(f"strength must be between 0 and 1, not {strength!r}")
     init_timestep = min(int(n * strength), n)
@@ -279,5 +281,6 @@ def img2img_start(schedule: Schedule, strength: float, steps: int | None = None)
 
 def add_noise(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
     """The image-to-image start at noise level `sigma`, in VE space. Both diffusers schedulers agree: Euler's
-    add_noise is this formula, DPM-Solver's alpha * x0 + alpha * sigma * noise is it times alpha = 1/sqrt(sigma^2+1)."""
+    add_noise is this formula, DPM-Solver's alpha * x0 + alpha * sigma * noise is it times
+    alpha = 1 / sqrt(sigma^2 + 1), the VP scaling."""
     return x0 + noise * sigma
