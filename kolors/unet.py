@@ -46,6 +46,7 @@ class UNetConfig:
     encoder_hid_dim: int
     in_channels: int = 4
     out_channels: int = 4
+    sample_size: int = 128  # latent size of the default image: 128 x 8 = 1024 pixels for Kolors
     transformer_layers_per_block: int | tuple[int, ...] = 1
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True

@@ -113,12 +113,23 @@ def build_reference_pipeline(seed: int = 0):
     # The UNet's zero-initialised output conv would make every image equal; give it weights too.
     randomize_(unet.conv_out, seed + 2)
     text_encoder.rotary_pos_emb.inv_freq.copy_(
-        1.0 / (10000 ** (torch.arange(0, text_encoder.rotary_pos_emb.inv_freq.numel() * 2, 2).float() / (text_encoder.rotary_pos_emb.inv_freq.numel() * 2)))
+        1.0
+        / (
+            10000
+            ** (
+                torch.arange(0, text_encoder.rotary_pos_emb.inv_freq.numel() * 2, 2).float()
+                / (text_encoder.rotary_pos_emb.inv_freq.numel() * 2)
+            )
+        )
     )
     tokenizer = ChatGLMTokenizer(str(ref / "tokenizer" / "tokenizer.model"))
     scheduler = EulerDiscreteScheduler.from_pretrained(ref / "scheduler")
     pipe = KolorsPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
         force_zeros_for_empty_prompt=False,
     )
     pipe.set_progress_bar_config(disable=True)

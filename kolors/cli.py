@@ -1,0 +1,119 @@
+"""The `kolors` command: parse, check, load, generate, save. Bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from kolors.errors import KolorsError
+from kolors.weights import DEFAULT_REPO
+
+EXIT_BAD_INPUT = 2
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_REPO, help="Kolors-diffusers folder or hub repo id (default: %(default)s)"
+    )
+    p.add_argument(
+        "--variant", default=None, help="weight file variant, e.g. fp16 (default: plain, else fp16)"
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale; <= 1 turns it off"
+    )
+    p.add_argument("--sampler", default="euler", help="euler (default) or dpmpp-2m (good at 25 steps)")
+    p.add_argument("--seed", type=int, default=None, help="default: a random seed, recorded in the PNG")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--image", default=None, help="init image for image-to-image (size taken from it)")
+    p.add_argument("--strength", type=float, default=0.3, help="image-to-image: how much to change (0..1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kolors", description="Kolors text-to-image, lean and exact.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    add_generation_options(gen)
+    add_model_options(gen)
+    gen.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="PNG path (default: kolors-SEED.png); several images get -1, -2, ... before the extension",
+    )
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
+    path = Path(output) if output else Path(f"kolors-{seed}.png")
+    if path.suffix.lower() != ".png":
+        raise KolorsError(
+            f"output {path} must end in .png (the generation parameters are stored in PNG text)"
+        )
+    if not path.parent.is_dir():
+        raise KolorsError(f"output folder {path.parent} does not exist; create it or choose another --output")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)]
+
+
+def generate(args: argparse.Namespace) -> int:
+    from kolors.pipeline import MAX_SEED, KolorsPipeline, load_image
+    from kolors.request import GenerationRequest, save_png
+
+    seed = args.seed if args.seed is not None else random.randint(0, MAX_SEED - args.num_images)
+    image = load_image(args.image) if args.image else None
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=float(args.guidance),
+        sampler=args.sampler,
+        seed=seed,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        image=image,
+        strength=args.strength,
+    )
+    request.validate()
+    paths = output_paths(args.output, seed, args.num_images)
+
+    pipe = KolorsPipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, variant=args.variant
+    )
+    pipe.set_progress_bar_config(disable=args.quiet)
+    for (img, img_seed), path in zip(request.run(pipe), paths, strict=True):
+        save_png(img, path, request.infotext(img_seed, pipe.name, size=img.size))
+        print(f"{path}  (seed {img_seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except KolorsError as e:
+        print(f"kolors: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("kolors: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Text-to-image and image-to-image: prompt encoding, the denoising loop with guidance, and decoding.
+
+The reference is diffusers' KolorsPipeline / KolorsImg2ImgPipeline: for the same weights, inputs and
+torch.Generator this pipeline gives the same images (checked in float32 by tests/test_pipeline.py). Differences
+that change no image: prompts and negative prompts are encoded in one batched call, and latents are carried in
+float32 between steps (diffusers carries them in the model dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from kolors import samplers
+from kolors.config import load_config, read_json
+from kolors.errors import KolorsError
+from kolors.noise import randn
+from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+from kolors.tokenizer import ChatGLMTokenizer
+from kolors.unet import UNet2DConditionModel, UNetConfig
+from kolors.vae import AutoencoderKL, VAEConfig, sample_latent
+from kolors.weights import (
+    DEFAULT_REPO,
+    build_on_meta,
+    check_model_folder,
+    load_weights,
+    resolve_model,
+    weight_files,
+)
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """What the text encoder gives for a batch of prompts, reusable across calls (one row per prompt)."""
+
+    prompt_embeds: torch.Tensor  # (B, T, H): second-to-last ChatGLM layer
+    pooled: torch.Tensor  # (B, H): last layer at the last position
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+@dataclass
+class KolorsPipelineOutput:
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    seeds: list[int] | None = None  # the seed behind each image when the call was seeded by `seed=`
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPUs (the weights' own precision), bf16 on a CPU with native bf16 (fp16 is slow there), else fp32."""
+    if device.type in ("cuda", "mps"):
+        return torch.float16
+    bf16 = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise KolorsError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KolorsError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KolorsError("device cuda was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KolorsError("device mps was asked for but is not available here; use --device cpu")
+    return device
+
+
+class KolorsPipeline:
+    """Kolors text-to-image and image-to-image, shaped like diffusers' KolorsPipeline."""
+
+    def __init__(
+        self,
+        tokenizer: ChatGLMTokenizer,
+        text_encoder: ChatGLMModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_config: samplers.SchedulerConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str = "Kolors",
+    ):
+        self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.scheduler_config = scheduler_config
+        self.device, self.dtype, self.name = device, dtype, name
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.progress_bar = True
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = DEFAULT_REPO,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        variant: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> KolorsPipeline:
+        """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it)."""
+        device = parse_device(device)
+        dtype = parse_dtype(torch_dtype if torch_dtype is not None else dtype, device)
+        root = resolve_model(
+            model, variant=variant, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        check_model_folder(root)
+
+        te_config = load_config(TextEncoderConfig, root / "text_encoder" / "config.json")
+        unet_config = load_config(UNetConfig, root / "unet" / "config.json")
+        vae_config = load_config(VAEConfig, root / "vae" / "config.json")
+        scheduler_config = load_config(samplers.SchedulerConfig, root / "scheduler" / "scheduler_config.json")
+        # The SDXL VAE overflows in fp16: like diffusers' force_upcast, it runs in fp32 when the model is fp16.
+        vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.force_upcast else dtype
+
+        text_encoder = build_on_meta(lambda: ChatGLMModel(te_config))
+        load_weights(
+            text_encoder,
+            weight_files(root / "text_encoder", variant),
+            dtype=dtype,
+            device=device,
+            transform=checkpoint_keys_transform,
+        )
+        unet = build_on_meta(lambda: UNet2DConditionModel(unet_config))
+        load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=device)
+        vae = build_on_meta(lambda: AutoencoderKL(vae_config))
+        load_weights(vae, weight_files(root / "vae", variant), dtype=vae_dtype, device=device)
+        for module in (text_encoder, unet, vae):
+            module.eval().requires_grad_(False)
+
+        tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
+        name = _model_name(root, model)
+        return cls(
+            tokenizer, text_encoder, unet, vae, scheduler_config, device=device, dtype=dtype, name=name
+        )
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress_bar = not disable
+
+    # ------------------------------------------------------------------------------------------------ prompts
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = "",
+        *,
+        max_length: int = 256,
+    ) -> PromptEmbeds:
+        """ChatGLM3 embeddings of the prompts and their negatives (an empty negative is encoded, not zeroed,
+        as the model's force_zeros_for_empty_prompt=false says). negative_prompt=None skips the negatives."""
+        prompts = _as_prompt_list(prompt, "prompt")
+        negatives = (
+            None
+            if negative_prompt is None
+            else _as_prompt_list(negative_prompt, "negative_prompt", len(prompts))
+        )
+        rows = prompts + (negatives or [])
+        tokens = self.tokenizer(rows, max_length=max_length)
+        embeds, pooled = self.text_encoder(
+            tokens.input_ids.to(self.device),
+            tokens.attention_mask.to(self.device),
+            tokens.position_ids.to(self.device),
+        )
+        n = len(prompts)
+        if negatives is None:
+            return PromptEmbeds(embeds, pooled)
+        return PromptEmbeds(embeds[:n], pooled[:n], embeds[n:], pooled[n:])
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        sampler: str = "euler",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
+        num_images_per_prompt: int = 1,
+        image: Image.Image | str | os.PathLike | None = None,
+        strength: float = 0.3,
+        output_type: str = "pil",
+        prompt_embeds: PromptEmbeds | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> KolorsPipelineOutput:
+        """Generate images. `seed=` (an int, or one int per image) is a CPU generator, so a seed gives the same
+        image on any device. `callback(step, num_steps, latents)` runs after each step; raising from it stops
+        the generation."""
+        cfg = guidance_scale > 1.0
+        validate(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            strength=strength,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+        )
+        if prompt_embeds is None:
+            if prompt is None:
+                raise KolorsError("no prompt given; pass prompt='...' (or prompt_embeds from encode_prompt)")
+            prompt_embeds = self.encode_prompt(prompt, negative_prompt if cfg else None)
+        elif cfg and prompt_embeds.negative_prompt_embeds is None:
+            raise KolorsError(
+                "prompt_embeds has no negative embeddings but guidance_scale > 1; encode them too"
+            )
+        batch = prompt_embeds.batch_size * num_images_per_prompt
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        # diffusers' image-to-image conditions on the requested size (default 1024x1024) even when the image,
+        # which sets the output size, has another: kept, so the same call gives the same image.
+        size_ids = (height or default_size, width or default_size)
+        if image is None:
+            height, width = size_ids
+            validate_size(height, width, max(8, self.vae_scale_factor))
+        else:
+            if height is not None or width is not None:
+                validate_size(height or default_size, width or default_size, max(8, self.vae_scale_factor))
+            init = self._load_image(image, height, width)
+            height, width = init.shape[-2:]
+        generator, seeds = _generators(generator, seed, batch)
+
+        schedule = samplers.schedule(self.scheduler_config, sampler, num_inference_steps)
+        start = 0 if image is None else samplers.img2img_start(schedule, strength, num_inference_steps)
+        sigmas, timesteps = schedule.sigmas[start:], schedule.timesteps[start:]
+        latent_shape = (
+            batch,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if image is None:
+            noise = randn(latent_shape, generator, self.device, self.dtype)
+            x = noise.float() * schedule.init_noise_sigma
+        else:
+            x0 = self._encode_image(init, batch, generator)
+            if len(timesteps) == 0:  # strength too small for any step: the image itself, re-encoded
+                x = x0.float()
+            else:
+                noise = randn(x0.shape, generator, self.device, self.dtype)
+                x = samplers.add_noise(x0.float(), noise.float(), sigmas[0])
+
+        denoise = self._denoiser(
+            prompt_embeds, num_images_per_prompt, guidance_scale, sigmas, timesteps, size_ids
+        )
+        steps = len(timesteps)
+        bar = tqdm(total=steps, disable=not self.progress_bar or steps == 0, desc="kolors", leave=False)
+
+        def on_step(i: int, latents: torch.Tensor) -> None:
+            bar.update()
+            if callback is not None:
+                callback(i, steps, latents)
+
+        try:
+            if steps:
+                x = samplers.sample(sampler, denoise, x, list(sigmas), callback=on_step)
+        finally:
+            bar.close()
+        return KolorsPipelineOutput(images=self._decode(x, output_type), seeds=seeds)
+
+    def _denoiser(
+        self, embeds: PromptEmbeds, n: int, guidance_scale: float, sigmas, timesteps, size: tuple[int, int]
+    ):
+        """The epsilon UNet as a denoiser x0(x, step) with classifier-free guidance: cond and uncond in one
+        batched call, as diffusers does (uncond first)."""
+        cfg = guidance_scale > 1.0
+        context, pooled = embeds.prompt_embeds, embeds.pooled
+        if cfg:
+            context = torch.cat(
+                [embeds.negative_prompt_embeds.repeat_interleave(n, 0), context.repeat_interleave(n, 0)]
+            )
+            pooled = torch.cat(
+                [embeds.negative_pooled.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)]
+            )
+        else:
+            context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
+        context, pooled = context.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+        # diffusers' size conditioning: original size, crop top-left (0, 0), target size.
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype, device=self.device)
+        time_ids = time_ids.repeat(context.shape[0], 1)
+        t_device = torch.tensor(
+            timesteps, dtype=torch.float32, device=self.device
+        )  # one copy, no per-step sync
+
+        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+            sigma = sigmas[i]
+            x_in = (x / math.sqrt(sigma**2 + 1)).to(self.dtype)
+            x_in = torch.cat([x_in, x_in]) if cfg else x_in
+            t = t_device[i].expand(x_in.shape[0])
+            eps = self.unet(x_in, t, context, pooled, time_ids).float()
+            if cfg:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + guidance_scale * (cond - uncond)
+            return x - sigma * eps
+
+        return denoise
+
+    def _load_image(self, image, height: int | None, width: int | None) -> torch.Tensor:
+        """A PIL image (or a path to one) as a (1, 3, H, W) tensor in [-1, 1], H and W multiples of 8 (resized
+        with Lanczos as diffusers' VaeImageProcessor does)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if not isinstance(image, Image.Image):
+            raise KolorsError(f"image must be a PIL image or a path to one, not {type(image).__name__}")
+        image = image.convert("RGB")
+        f = self.vae_scale_factor
+        w, h = width or image.width, height or image.height
+        w, h = w - w % f, h - h % f
+        if w < f or h < f:
+            raise KolorsError(
+                f"image of {image.width}x{image.height} is too small; it needs at least {f}x{f} pixels"
+            )
+        if (w, h) != image.size:
+            image = image.resize((w, h), resample=Image.LANCZOS)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+    def _encode_image(self, image: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """Scaled VAE latents of the init image, sampled as diffusers' prepare_latents does (one draw per
+        generator when given a list, else one draw repeated over the batch)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = image.to(self.device, vae_dtype)
+        if isinstance(generator, list) and len(generator) > 1:
+            latents = torch.cat([sample_latent(*self.vae.encode(image), g) for g in generator])
+        else:
+            latents = sample_latent(*self.vae.encode(image), generator)
+        latents = (self.vae.config.scaling_factor * latents).to(self.dtype)
+        return latents.repeat(batch // latents.shape[0], 1, 1, 1)
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents.to(self.dtype)
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode((latents / self.vae.config.scaling_factor).to(vae_dtype))
+        image = (image.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return image
+        return [Image.fromarray(a) for a in (image * 255).round().astype("uint8")]
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+
+def validate(
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    sampler: str,
+    strength: float,
+    num_images_per_prompt: int,
+    output_type: str = "pil",
+) -> None:
+    """The request checks shared by the Python API, the CLI and the server: one clear line each."""
+    if (
+        not isinstance(num_inference_steps, int)
+        or isinstance(num_inference_steps, bool)
+        or num_inference_steps < 1
+    ):
+        raise KolorsError(f"steps must be a whole number of at least 1, not {num_inference_steps!r}")
+    if (
+        not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise KolorsError(
+            f"guidance scale must be a finite number >= 0, not {guidance_scale!r} (5.0 is typical)"
+        )
+    if sampler not in samplers.SAMPLERS:
+        raise KolorsError(f"unknown sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
+    if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise KolorsError(f"strength must be between 0 and 1, not {strength!r} (0.3 keeps most of the image)")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise KolorsError(f"number of images must be at least 1, not {num_images_per_prompt!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise KolorsError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
+
+
+def validate_size(height: int, width: int, multiple: int = 8) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < multiple:
+            raise KolorsError(f"{name} must be a whole number of at least {multiple} pixels, not {value!r}")
+        if value % multiple:
+            low = value - value % multiple
+            raise KolorsError(
+                f"{name} {value} is not a multiple of {multiple}; use {low} or {low + multiple}"
+            )
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file, or a clear error."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise KolorsError(f"image file not found: {path}") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        raise KolorsError(f"cannot decode image {path}: {e}; pass a PNG, JPEG or WebP file") from None
+
+
+def _as_prompt_list(prompt, name: str, n: int | None = None) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt] * (n or 1)
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        if n is not None and len(prompt) != n:
+            raise KolorsError(
+                f"{name} has {len(prompt)} entries but there are {n} prompts; give one each or one string"
+            )
+        return list(prompt)
+    raise KolorsError(f"{name} must be a string or a non-empty list of strings, not {type(prompt).__name__}")
+
+
+def _generators(generator, seed, batch: int):
+    """The generator(s) for a call and the seed(s) that made them. Without either, a random seed is drawn so
+    every image can be reproduced."""
+    if generator is not None and seed is not None:
+        raise KolorsError("pass either generator= or seed=, not both")
+    if generator is not None:
+        if isinstance(generator, list) and len(generator) != batch:
+            raise KolorsError(
+                f"{len(generator)} generators given for {batch} images; give one per image or one"
+            )
+        return generator, None
+    if seed is None:
+        seed = random.randint(0, MAX_SEED)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch or not all(_is_seed(s) for s in seed):
+            raise KolorsError(
+                f"seed list must hold {batch} whole numbers between 0 and {MAX_SEED}, one per image"
+            )
+        return [torch.Generator("cpu").manual_seed(s) for s in seed], list(seed)
+    if not _is_seed(seed):
+        raise KolorsError(f"seed must be a whole number between 0 and {MAX_SEED}, not {seed!r}")
+    return torch.Generator("cpu").manual_seed(seed), [seed] * batch
+
+
+def _is_seed(s) -> bool:
+    return isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
+
+
+def _model_name(root: Path, model) -> str:
+    index = root / "model_index.json"
+    name = str(model).rstrip("/").split("/")[-1]
+    if index.is_file():
+        read_json(index)  # a corrupt model_index.json is worth an early, clear error
+    return name or root.name

@@ -1,0 +1,218 @@
+"""The `kolors generate` command on the tiny model: PNGs with A1111 parameters, one-line errors, no partial files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kolors import KolorsPipeline
+from kolors.cli import main
+from kolors.request import read_parameters
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_writes_png_with_parameters(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ladybug.png"
+    code, stdout, _ = run(
+        [
+            "generate",
+            "一张瓢虫的照片，微距",
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "3",
+            "--seed",
+            "66",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0 and str(out) in stdout
+    assert Image.open(out).size == (64, 48)
+    assert read_parameters(out) == (
+        "一张瓢虫的照片，微距\nNegative prompt: \nSteps: 3, Sampler: euler, CFG scale: 5.0, Seed: 66, "
+        f"Size: 64x48, Model: {tiny_model_dir.name}"
+    )
+    # The recorded parameters reproduce the image through the Python API.
+    pipe = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    again = pipe("一张瓢虫的照片，微距", height=48, width=64, num_inference_steps=3, seed=66).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(out)))
+
+
+def test_several_images_each_with_its_own_seed(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code, _, _ = run(
+        [
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "2",
+            "--seed",
+            "10",
+            "--num-images",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--dtype",
+            "float32",
+            "--sampler",
+            "dpmpp-2m",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0
+    params = [read_parameters(tmp_path / f"cat-{i}.png") for i in (1, 2)]
+    assert "Seed: 10," in params[0] and "Seed: 11," in params[1] and "Sampler: dpmpp-2m" in params[0]
+
+
+def test_random_seed_is_recorded(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run(
+        [
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--dtype",
+            "float32",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0
+    (png,) = list(tmp_path.glob("kolors-*.png"))
+    seed = png.stem.split("-")[1]
+    assert f"Seed: {seed}," in read_parameters(png)
+
+
+def test_image_to_image(tiny_model_dir, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(init)
+    out = tmp_path / "out.png"
+    code, _, _ = run(
+        [
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "4",
+            "--image",
+            str(init),
+            "--strength",
+            "0.5",
+            "--seed",
+            "1",
+            "--dtype",
+            "float32",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0 and Image.open(out).size == (56, 40)
+    assert "Denoising strength: 0.5" in read_parameters(out)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--width", "1001"], "width 1001 is not a multiple of 8; use 1000 or 1008"),
+        (["--steps", "0"], "steps must be"),
+        (["--strength", "2"], "strength must be between 0 and 1"),
+        (["--guidance", "nan"], "guidance scale must be a finite number"),
+        (["--sampler", "plms"], "unknown sampler 'plms'; choose one of: euler, dpmpp-2m"),
+        (["--image", "missing.png"], "image file not found"),
+        (["--image", "NOTANIMAGE"], "cannot decode image"),
+        (["--model", "NOMODEL"], "is incomplete: missing"),
+        (["--output", "out.jpg"], "must end in .png"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_file(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "NOTANIMAGE").write_bytes(b"this is not an image")
+    (tmp_path / "NOMODEL").mkdir()
+    (tmp_path / "NOMODEL" / "unet").mkdir()
+    args = [
+        "generate",
+        "a cat",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--dtype",
+        "float32",
+        "--output",
+        "out.png",
+        "--quiet",
+        *extra,
+    ]
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kolors.cli",
+            "generate",
+            "a cat",
+            "--model",
+            "Kwai-Kolors/Kolors-diffusers",
+            "--output",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot reach the model hub" in proc.stderr and "local" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
