@@ -22,7 +22,8 @@ def pipe(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def dpm_reference(reference_pipeline):
-    from diffusers import DPMSolverMultistepScheduler, KolorsPipeline as DiffusersKolors
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import KolorsPipeline as DiffusersKolors
 
     scheduler = DPMSolverMultistepScheduler.from_config(
         reference_pipeline.scheduler.config, use_karras_sigmas=True
