@@ -53,7 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG path (default: kolors-SEED.png); several images get -1, -2, ... before the extension",
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    dl = sub.add_parser("download", help="download a model into the Hugging Face cache (then usable offline)")
+    dl.add_argument("model", nargs="?", default=DEFAULT_REPO)
+    dl.add_argument("--variant", default=None, help="weight file variant (default: plain, else fp16)")
     return parser
+
+
+def download(args: argparse.Namespace) -> int:
+    from kolors.weights import check_model_folder, resolve_model
+
+    root = resolve_model(args.model, variant=args.variant)
+    check_model_folder(root)
+    print(root)
+    return 0
 
 
 def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "download":
+            return download(args)
     except KolorsError as e:
         print(f"kolors: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -216,3 +216,25 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "cannot reach the model hub" in proc.stderr and "local" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_download_prints_the_checked_snapshot(tiny_model_dir, capsys, monkeypatch):
+    import kolors.weights
+
+    asked = {}
+
+    def fake_resolve(model, variant=None):
+        asked.update(model=model, variant=variant)
+        return tiny_model_dir
+
+    monkeypatch.setattr(kolors.weights, "resolve_model", fake_resolve)
+    code, out, _ = run(["download", "Kwai-Kolors/Kolors-diffusers", "--variant", "fp16"], capsys)
+    assert code == 0 and out.strip() == str(tiny_model_dir)
+    assert asked == {"model": "Kwai-Kolors/Kolors-diffusers", "variant": "fp16"}
+
+
+def test_download_offline_without_cache_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    code, _, err = run(["download", "Kwai-Kolors/Kolors-diffusers"], capsys)
+    assert code == 2 and "cannot reach the model hub" in err and err.count("\n") == 1
