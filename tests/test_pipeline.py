@@ -192,3 +192,16 @@ def test_bad_input_is_one_clear_line(pipe, kwargs, message):
 def test_strength_zero_returns_the_image_reencoded(pipe):
     out = pipe("a cat", image=init_image(), strength=0.0, num_inference_steps=4, seed=0, output_type="np")
     assert out.images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "dtype, vae_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+)
+def test_half_precision_close_to_float32_and_vae_upcast(tiny_model_dir, pipe, dtype, vae_dtype):
+    half = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=dtype, device="cpu")
+    half.set_progress_bar_config(disable=True)
+    # The SDXL VAE overflows in fp16, so like diffusers' force_upcast it runs in fp32 then; bf16 has the range.
+    assert next(half.unet.parameters()).dtype == dtype and next(half.vae.parameters()).dtype == vae_dtype
+    common = dict(prompt="a cat", **SIZE, num_inference_steps=4, seed=0, output_type="np")
+    diff = np.abs(half(**common).images - pipe(**common).images).max()
+    assert diff < 0.1, diff
