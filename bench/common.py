@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 
 GiB = 1024**3
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "kolors-reference"
+REFERENCE = Path(
+    os.environ.get("KOLORS_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "kolors-reference")
+)
+# The Kolors model card's example prompt: 27 tokens, with an empty negative 31 real rows of 512.
+SEED_PROMPT = '一张瓢虫的照片，微距，变焦，高质量，电影，拿着一个牌子，写着"可图"'
 
 
 # ---------------------------------------------------------------------------------------------------- machine
