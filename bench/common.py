@@ -53,6 +53,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, str]:
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "cpu features": torch.backends.cpu.get_cpu_capability(),
         "memory": f"{_meminfo_total() / GiB:.1f} GiB",
+        # Other work on the machine slows both sides alike (they alternate) but widens the spread of runs.
+        "load average": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

@@ -183,12 +183,12 @@ def write_safetensors(
 
 
 def split_shards(shapes: dict[str, tuple[int, ...]], n: int) -> list[dict[str, tuple[int, ...]]]:
-    """Split tensors, in key order, into n shards of about equal bytes (every shard non-empty)."""
+    """Split tensors, in key order, into n shards of about equal bytes, none empty."""
     sizes = [math.prod(s) for s in shapes.values()]
-    total, shards, acc = sum(sizes), [{} for _ in range(n)], 0
+    total, shards, acc, shard = sum(sizes), [{} for _ in range(n)], 0, 0
     for i, ((key, shape), size) in enumerate(zip(shapes.items(), sizes, strict=True)):
-        shard = min(n - 1, acc * n // total)
-        shard = max(shard, n - (len(shapes) - i))  # leave at least one tensor for each later shard
+        # Where its first byte falls, but never skipping a shard and leaving a tensor for each later one.
+        shard = max(min(acc * n // total, shard + 1), n - (len(shapes) - i))
         shards[shard][key] = shape
         acc += size
     return shards
@@ -225,16 +225,13 @@ def write_component(
 
 
 def write_shared_files(reference: Path, out: Path) -> None:
-    """model_index.json, the scheduler config and the tokenizer, copied as they are."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(reference / "model_index.json", out / "model_index.json")
-    for component in ("scheduler", "tokenizer"):
-        shutil.copytree(reference / component, out / component, dirs_exist_ok=True)
-    for file in (out / "scheduler").iterdir():  # the reference folder is read-only; the copy need not be
-        file.chmod(0o644)
-    for file in (out / "tokenizer").iterdir():
-        file.chmod(0o644)
-    (out / "model_index.json").chmod(0o644)
+    """model_index.json, the scheduler config and the tokenizer, copied byte for byte (not their modes: the
+    reference folder may be read-only, the copy must stay writable)."""
+    files = [Path("model_index.json")]
+    files += [p.relative_to(reference) for c in ("scheduler", "tokenizer") for p in (reference / c).iterdir()]
+    for file in files:
+        (out / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(reference / file, out / file)
 
 
 def expected_bytes(reference: Path, scale: str, components: list[str], dtype: torch.dtype) -> int:

@@ -1,0 +1,170 @@
+"""The benchmark tools: fake weights both libraries load, the shared harness, the whole-generation command.
+
+Smoke tests on tiny sizes; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import partial
+
+import pytest
+import torch
+
+from bench import common
+from bench.fake_weights import make_fake_model, random_tensor, split_shards, write_safetensors
+from tests.reference import require_reference
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    """A tiny random-weight Kolors folder in the real fp16 layout, written by bench/fake_weights.py."""
+    require_reference()
+    return make_fake_model(tmp_path_factory.mktemp("fake") / "Kolors-fake", scale="tiny")
+
+
+def test_fake_weights_has_the_real_file_layout(fake_dir):
+    names = {p.relative_to(fake_dir).as_posix() for p in fake_dir.rglob("*") if p.is_file()}
+    assert {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer.model",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.safetensors.index.fp16.json",
+        *(f"text_encoder/model.fp16-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+    } <= names
+    assert not any(name.endswith(".partial") for name in names)
+    index = json.loads((fake_dir / "text_encoder/model.safetensors.index.fp16.json").read_text())
+    assert {"output_layer.weight", "rotary_pos_emb.inv_freq"} <= set(index["weight_map"])
+    assert len(set(index["weight_map"].values())) == 3
+
+
+def test_diffusers_loads_fake_weights_with_the_written_values(fake_dir):
+    from diffusers import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(fake_dir, variant="fp16", torch_dtype=torch.float32)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for key, tensor in list(model.state_dict().items())[:: max(1, len(model.state_dict()) // 12)]:
+            expected = random_tensor(key, tuple(tensor.shape)).half().float()
+            assert torch.equal(tensor, expected), key
+    # Values stay in a trained network's range: finite, norms near one.
+    assert pipe.unet.conv_in.weight.abs().max() < 1
+    assert torch.allclose(pipe.text_encoder.encoder.final_layernorm.weight, torch.ones(1), atol=0.2)
+
+
+def test_kolors_and_diffusers_give_the_same_image_on_fake_weights(fake_dir, capsys):
+    from bench.bench_generate import main
+
+    main(
+        ["--model", str(fake_dir), "--size", "64", "--steps", "3", "--dtype", "float32"]
+        + ["--warmup", "0", "--repeats", "1", "--processes", "one"]
+    )
+    out = capsys.readouterr().out
+    assert "ratio diffusers/kolors" in out and "cpu" in out
+    diff = float(re.search(r"max abs diff ([0-9.e-]+)", out).group(1))
+    assert diff < 1e-3, out  # same seed, same sampler: the same image in float32
+
+
+def test_write_safetensors_round_trips_in_blocks(tmp_path):
+    from safetensors.torch import load_file
+
+    shapes = {"a.weight": (5, 3), "b.bias": (4,), "c.weight": (2, 2, 3, 3)}
+    values = {k: torch.randn(s) for k, s in shapes.items()}
+
+    def blocks(key):  # rows one at a time, as the writer gets them for big tensors
+        yield from values[key].split(1) if values[key].dim() > 1 else [values[key]]
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        path = tmp_path / f"x-{dtype}.safetensors"
+        size = write_safetensors(path, shapes, dtype, blocks)
+        loaded = load_file(path)
+        assert (
+            list(loaded) == sorted(shapes)
+            and size == sum(v.numel() for v in values.values()) * loaded["a.weight"].element_size()
+        )
+        for key, tensor in values.items():
+            assert torch.equal(loaded[key], tensor.to(dtype)), (key, dtype)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_split_shards_keeps_order_and_fills_every_shard():
+    shapes = {"big": (1000, 1000), "s1": (3,), "s2": (3,), "mid": (500, 500)}
+    shards = split_shards(shapes, 3)
+    assert len(shards) == 3 and all(shards)
+    assert [k for shard in shards for k in shard] == list(shapes)
+
+
+def test_alternate_interleaves_and_returns_medians():
+    calls = []
+
+    def contender(name, value):
+        def run():
+            calls.append(name)
+            return value
+
+        return run
+
+    results = common.alternate(
+        {"diffusers": contender("d", 1), "kolors": contender("k", 2)}, warmup=1, repeats=3, verbose=False
+    )
+    assert calls == ["d", "k", "k", "d", "d", "k", "k", "d"]  # the order flips every round
+    for result in results.values():
+        assert len(result.warmup_times) == 1 and len(result.times) == 3
+        assert min(result.times) <= result.median <= max(result.times)
+        assert result.peak_memory > 0
+    assert results["kolors"].output == 2
+
+
+def test_memory_watch_sees_a_transient_allocation():
+    with common.MemoryWatch(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 1024**2 // 4)  # 64 MiB, touched
+        del x
+    if mem.reset_ok:  # where the kernel cannot reset the peak it counts from process start: still >= start
+        assert mem.peak - mem.start >= 48 * 1024**2
+    assert mem.peak >= mem.start
+
+
+def test_report_names_machine_sides_and_ratio(capsys):
+    results = {
+        n: common.Result(n, [0.5], [t, t, t], peak_memory=2**30)
+        for n, t in (("diffusers", 2.0), ("kolors", 1.0))
+    }
+    text = common.report("x", results, dtype=torch.bfloat16, shapes="2x4x64x64", goal=1.3)
+    for line in ("cpu", "torch", "command", "bfloat16", "2x4x64x64", "peak RSS", "1.00 GiB"):
+        assert line in text
+    assert "ratio diffusers/kolors: 2.00x  (goal >= 1.3x: met)" in text
+    assert common.speed_row("g", results, goal=3).endswith("| 2.00x | not met |")
+
+
+def test_full_size_keys_and_shapes_match_kolors_models():
+    """At full size nothing is written here: the keys and shapes fake_weights would write (diffusers' models on
+    meta) are checked against kolors' own models on meta, as strict loading would check them."""
+    from bench.fake_weights import COMPONENTS, scaled_config, tensor_shapes
+    from kolors.config import load_config
+    from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+    from kolors.unet import UNet2DConditionModel, UNetConfig
+    from kolors.vae import AutoencoderKL, VAEConfig
+    from kolors.weights import build_on_meta
+
+    reference = require_reference()
+    models = {
+        "text_encoder": (ChatGLMModel, TextEncoderConfig),
+        "unet": (UNet2DConditionModel, UNetConfig),
+        "vae": (AutoencoderKL, VAEConfig),
+    }
+    for component in COMPONENTS:
+        written = tensor_shapes(component, scaled_config(reference, component, "full"))
+        module, config_class = models[component]
+        config = load_config(config_class, reference / component / "config.json")
+        ours = {k: tuple(v.shape) for k, v in build_on_meta(partial(module, config)).state_dict().items()}
+        if component == "text_encoder":
+            assert len(written) == 200
+            written = {
+                k: tuple(v.shape)
+                for k, v in checkpoint_keys_transform(
+                    {k: torch.empty(s, device="meta") for k, s in written.items()}
+                ).items()
+            }
+        assert written == ours, component
