@@ -330,9 +330,11 @@ class KolorsPipeline:
         else:
             context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
         context, pooled = context.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+        # Cross-attention keys and values depend on the text alone: computed here once, pads merged.
+        context = self.unet.prepare_context(context)
         # diffusers' size conditioning: original size, crop top-left (0, 0), target size.
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype, device=self.device)
-        time_ids = time_ids.repeat(context.shape[0], 1)
+        time_ids = time_ids.repeat(pooled.shape[0], 1)
         t_device = torch.tensor(
             timesteps, dtype=torch.float32, device=self.device
         )  # one copy, no per-step sync

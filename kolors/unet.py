@@ -5,12 +5,18 @@ embedding with the six SDXL size/crop numbers (the `text_time` add-embedding, su
 embedding) and the per-token text states, projected 4096 -> 2048 by `encoder_hid_proj` and read by
 every cross-attention. Module attributes carry diffusers' names, so a diffusers checkpoint loads with a
 strict `load_state_dict` and no mapping.
+
+The text states are the same at every denoising step, so `prepare_context` computes every cross-attention's
+keys and values once per generation (a `ContextCache`) and `forward` reads them. It also merges ChatGLM's left
+padding: a prompt's pad rows are identical to the bit, so their keys and values are too, and P identical keys
+in a softmax are one key with logit bias ln P. The seed prompt with an empty negative needs 28 keys, not 256.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +223,7 @@ class Upsample2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention without q/k/v biases; self-attention when no context is given."""
+    """Multi-head attention without q/k/v biases; self-attention when no keys and values are given."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -235,10 +241,15 @@ class Attention(nn.Module):
         """Keys and values (B, nh, T, hs). For cross-attention they depend on the text alone."""
         return self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None
+    ) -> Tensor:
+        """Self-attention over x, or attention to precomputed keys and values `kv` with an additive logit
+        `bias` (B, 1, 1, L)."""
         B, T, C = x.shape
-        k, v = self.kv(x if context is None else context)
-        y = F.scaled_dot_product_attention(self.split_heads(self.to_q(x)), k, v)  # scale 1/sqrt(hs)
+        k, v = self.kv(x) if kv is None else kv
+        q = self.split_heads(self.to_q(x))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(hs)
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -264,9 +275,18 @@ class FeedForward(nn.Module):
         return x
 
 
+class ContextCache(NamedTuple):
+    """Every cross-attention's keys and values for one batch of text states, from `prepare_context`.
+    Plain tensors in a tuple, so a compiled forward reads them without a graph break."""
+
+    kv: tuple[tuple[Tensor, Tensor], ...]  # per BasicTransformerBlock in module order: (B, nh, L, hs) each
+    bias: Tensor | None  # (B, 1, 1, L) logit bias of merged pad keys, None when nothing was merged
+
+
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
+        self.context_index = 0  # this block's entry in ContextCache.kv, numbered by the UNet
         self.norm1 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
         self.attn1 = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
@@ -274,9 +294,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: ContextCache) -> Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context.kv[self.context_index], context.bias)
         x = x + self.ff(self.norm3(x))
         return x
 
@@ -293,7 +313,7 @@ class Transformer2DModel(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: ContextCache) -> Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         for block in self.transformer_blocks:
@@ -327,7 +347,7 @@ class DownBlock(nn.Module):
         last = level == len(cfg.block_out_channels) - 1
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(out_ch)])
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, context: ContextCache) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -354,7 +374,7 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, temb, groups, eps) for _ in range(2))
         self.attentions = _transformers(cfg, ch, cfg.heads[-1], cfg.transformer_depth[-1], 1)
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, context: ContextCache) -> Tensor:
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, context)
         return self.resnets[1](x, temb)
@@ -381,7 +401,12 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if level > 0 else None
 
     def forward(
-        self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor, size: tuple[int, int] | None
+        self,
+        x: Tensor,
+        skips: list[Tensor],
+        temb: Tensor,
+        context: ContextCache,
+        size: tuple[int, int] | None,
     ) -> Tensor:
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips), strict=True)):
             x = resnet(torch.cat([x, skip], dim=1), temb)
@@ -390,6 +415,33 @@ class UpBlock(nn.Module):
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, size)
         return x
+
+
+def merge_leading_repeats(states: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Rows (B, L, D) and logit bias (B, 1, 1, L) with the same attention as all T rows of `states` (B, T, D)
+    as keys and values: each prompt's leading run of P rows identical to its first (left pads) is kept as
+    m copies with bias ln(P / m) each, since exp(s + ln(P / m)) summed m times is P exp(s). m is 1 for the
+    prompt with the most real rows and larger for the others, so every prompt has the same L keys and no
+    key is masked out. (states, None) when some prompt has no run to merge."""
+    B, T, _ = states.shape
+    same = (states == states[:, :1]).all(dim=-1)  # (B, T)
+    runs = same.int().cumprod(dim=1).sum(dim=1).tolist()  # P per prompt, >= 1; the one host read
+    L = T - min(runs) + 1  # keys of the prompt with the most real rows: its run becomes one key
+    if L == T:
+        return states, None
+    index, bias = [], []
+    for p in runs:
+        m = L - (T - p)  # copies of the pad row that fill this prompt up to L keys: 1 <= m <= p
+        index.append([0] * m + list(range(p, T)))
+        bias.append([math.log(p / m)] * m + [0.0] * (T - p))
+    index = torch.tensor(index, device=states.device)  # (B, L)
+    rows = states.gather(1, index[:, :, None].expand(B, L, states.shape[-1]))
+    # CPU attention adds a float32 bias exactly to its float32 logits (ln 249 in bf16 is off by 0.014);
+    # GPU kernels want the bias in the query's dtype.
+    on_cpu = states.device.type == "cpu"
+    bias_dtype = torch.promote_types(states.dtype, torch.float32) if on_cpu else states.dtype
+    bias = torch.tensor(bias, dtype=bias_dtype, device=states.device)[:, None, None, :]
+    return rows, bias
 
 
 class UNet2DConditionModel(nn.Module):
@@ -415,6 +467,24 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(
             chs[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2
         )
+        for i, block in enumerate(self.transformer_blocks()):
+            block.context_index = i
+
+    def transformer_blocks(self) -> list[BasicTransformerBlock]:
+        """Every BasicTransformerBlock in module order: the order of ContextCache.kv."""
+        return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def prepare_context(self, encoder_hidden_states: Tensor, merge_pads: bool = True) -> ContextCache:
+        """Project the text states (B, T, encoder_hid_dim) and compute every cross-attention's keys and
+        values, once for all denoising steps. With `merge_pads`, each prompt's leading run of rows identical
+        to its first (ChatGLM's left pads) becomes one key with logit bias ln(run length): the same attention,
+        fewer keys. Finding the runs reads (B,) counts back to the host: one sync per call, none per step."""
+        states, bias = (
+            merge_leading_repeats(encoder_hidden_states) if merge_pads else (encoder_hidden_states, None)
+        )
+        context = self.encoder_hid_proj(states)  # (B, L, cross_attention_dim)
+        kv = tuple(block.attn2.kv(context) for block in self.transformer_blocks())
+        return ContextCache(kv, bias)
 
     def embed_time(self, sample: Tensor, timestep: Tensor, text_embeds: Tensor, time_ids: Tensor) -> Tensor:
         """Timestep embedding plus the `text_time` add-embedding (B, time_embed_dim), in the model's dtype."""
@@ -435,15 +505,18 @@ class UNet2DConditionModel(nn.Module):
         self,
         sample: Tensor,
         timestep: Tensor,
-        encoder_hidden_states: Tensor,
+        encoder_hidden_states: Tensor | ContextCache,
         text_embeds: Tensor,
         time_ids: Tensor,
     ) -> Tensor:
         """Epsilon prediction (B, out_channels, h, w) for latents `sample` (B, in_channels, h, w) at
-        `timestep` ((B,) or 0-dim); `encoder_hidden_states` (B, T, encoder_hid_dim) are the text states
-        before `encoder_hid_proj`, `text_embeds` (B, encoder_hid_dim) the pooled text, `time_ids` (B, 6)."""
+        `timestep` ((B,) or 0-dim); `encoder_hidden_states` are the text states (B, T, encoder_hid_dim)
+        before `encoder_hid_proj`, or their `prepare_context` cache; `text_embeds` (B, encoder_hid_dim) is
+        the pooled text, `time_ids` (B, 6)."""
         temb = self.embed_time(sample, timestep, text_embeds, time_ids)
-        context = self.encoder_hid_proj(encoder_hidden_states)  # (B, T, cross_attention_dim)
+        context = encoder_hidden_states
+        if not isinstance(context, ContextCache):  # all T keys, exactly diffusers' computation
+            context = self.prepare_context(context, merge_pads=False)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kolors.config import ConfigError, from_dict, load_config
-from kolors.unet import UNet2DConditionModel, UNetConfig
+from kolors.unet import UNet2DConditionModel, UNetConfig, merge_leading_repeats
 from tests.reference import REFERENCE, TE_HIDDEN, TINY_UNET, randomize_
 
 FULL_CONFIG = REFERENCE / "unet" / "config.json"
@@ -144,3 +146,69 @@ def test_full_size_on_meta_device():
     assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
     attn = ours.down_blocks[2].attentions[0].transformer_blocks[9].attn2
     assert attn.heads == 20 and attn.to_k.in_features == 2048
+
+
+# ------------------------------------------------------------------------------ context cache, merged pads
+
+
+def padded_states(batch_pads: list[int], T: int = 16, seed: int = 3) -> torch.Tensor:
+    """Text states (B, T, TE_HIDDEN) whose first P rows per prompt are one repeated row, as ChatGLM's left
+    pads are; each prompt its own pad row, as each prompt's pads attend to its own text."""
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(len(batch_pads), T, TE_HIDDEN, generator=g)
+    for b, p in enumerate(batch_pads):
+        states[b, :p] = states[b, 0]
+    return states
+
+
+def test_merge_leading_repeats_keeps_the_attention():
+    states = padded_states([10, 13, 1]).double()  # the third prompt has no pads
+    rows, bias = merge_leading_repeats(states[:2])
+    assert rows.shape == (2, 7, TE_HIDDEN)  # 16 - 10 real rows, plus one pad key
+    torch.testing.assert_close(bias[0, 0, 0], torch.tensor([math.log(10)] + [0.0] * 6).double())
+    # the second prompt (3 real rows) keeps 4 pad copies so that both have 7 keys: 4 x 13/4 = 13 pads
+    torch.testing.assert_close(bias[1, 0, 0], torch.tensor([math.log(13 / 4)] * 4 + [0.0] * 3).double())
+    torch.testing.assert_close(rows[1, 4:], states[1, 13:], rtol=0, atol=0)
+    q = torch.randn(2, 2, 5, TE_HIDDEN, dtype=torch.float64)
+    full = F.scaled_dot_product_attention(q, states[:2, None], states[:2, None])
+    merged = F.scaled_dot_product_attention(q, rows[:, None], rows[:, None], attn_mask=bias.to(q.dtype))
+    torch.testing.assert_close(merged, full, rtol=0, atol=1e-12)
+    # a prompt without pads leaves nothing to merge for the batch: every prompt keeps all of its rows
+    rows, bias = merge_leading_repeats(states)
+    assert bias is None and rows is states
+
+
+@pytest.mark.parametrize("pads", [[10, 13], [15, 2], [1, 1]])
+def test_context_cache_matches_the_plain_path(models, pads):
+    """One cache, reused at several timesteps, gives the outputs of diffusers' full computation (with 256
+    text rows the merged keys save compute; here, 16 rows keep the test small)."""
+    ref, ours = models
+    inputs = make_inputs(2, 8, 12) | dict(encoder_hidden_states=padded_states(pads))
+    with torch.no_grad():
+        cache = ours.prepare_context(inputs["encoder_hidden_states"])
+    assert cache.kv[0][0].shape[2] == 16 - min(pads) + 1
+    assert len(cache.kv) == len(ours.transformer_blocks()) == 17
+    for timestep in (999.0, 1.0):
+        step = inputs | dict(timestep=torch.tensor([timestep, timestep]))
+        expected, plain = run_both(ref, ours, step)
+        with torch.no_grad():
+            cached = ours(**step | dict(encoder_hidden_states=cache))
+        scale = expected.abs().max().item()
+        assert (plain - expected).abs().max().item() <= 1e-5
+        # merged pads sum the softmax in another order: float32 rounding, relative to the output's size
+        assert (cached - expected).abs().max().item() <= 1e-5 * scale
+
+
+def test_pipeline_text_states_merge_to_one_pad_key(tiny_model_dir):
+    """The text encoder's pad rows are identical to the bit, so the pipeline's cache really is short:
+    "a photo of a cat" is 7 real tokens and 249 pads, the empty negative 2 and 254."""
+    from kolors.pipeline import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    embeds = pipe.encode_prompt("a photo of a cat", negative_prompt="")
+    states = torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds])
+    assert states.shape[1] == 256
+    with torch.no_grad():
+        cache = pipe.unet.prepare_context(states)
+    assert cache.kv[0][0].shape[2] == 8
+    torch.testing.assert_close(cache.bias[:, 0, 0, 0], torch.tensor([math.log(254 / 6), math.log(249)]))
