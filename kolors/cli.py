@@ -56,7 +56,89 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model into the Hugging Face cache (then usable offline)")
     dl.add_argument("model", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--variant", default=None, help="weight file variant (default: plain, else fp16)")
+    add_batch_parser(sub)
     return parser
+
+
+def add_batch_parser(sub) -> None:
+    bat = sub.add_parser(
+        "batch",
+        help="generate many images from a jobs file; rerun the same command to resume",
+        description="Jobs: a .jsonl file (one request per line: prompt, negative_prompt, seed, steps, guidance, "
+        "width, height, sampler, num_images, id), a .csv file with a prompt column, or a text file with one "
+        "prompt per line. The options below are the defaults for what a job leaves out; --seed is the base of "
+        "the seeds of jobs without one (default 0). Images go to DIR/KEY-N.png, recorded in DIR/manifest.jsonl.",
+    )
+    bat.add_argument("jobs", help="jobs file: .jsonl, .csv or text")
+    bat.add_argument(
+        "--output", "-o", required=True, metavar="DIR", help="folder for the PNGs and manifest.jsonl"
+    )
+    bat.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
+    bat.add_argument(
+        "--strict", action="store_true", help="stop at the first bad line instead of skipping it"
+    )
+    bat.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="ADDRESS",
+        help="run on Ray: a new local instance, or the cluster at ADDRESS (e.g. auto, head:6379, ray://head:10001)",
+    )
+    bat.add_argument(
+        "--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU, else per CPUs)"
+    )
+    bat.add_argument(
+        "--ray-cpus-per-actor", type=int, default=4, help="CPUs per actor without GPUs (default: 4)"
+    )
+    bat.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_options(bat)
+    add_model_options(bat)
+    bat.set_defaults(seed=0)
+
+
+LOAD_OPTIONS = ("text_encoder_quant",)  # from_pretrained keywords beyond model, dtype, device and variant
+
+
+def batch(args: argparse.Namespace) -> int:
+    """Exit 0 when every job's images exist, 1 when some line or image failed (reported above the summary)."""
+    import signal
+
+    from kolors.batch import run as run_batch
+
+    if args.image:
+        raise KolorsError(
+            "batch jobs are text-to-image; --image is not supported there (use kolors generate)"
+        )
+    # SIGTERM (a scheduler stopping the job) ends the run as Ctrl-C does: the image being written is dropped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    summary = run_batch(
+        args.jobs,
+        args.output,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        variant=args.variant,
+        # Model options other parts add (e.g. --text-encoder-quant) pass through when given.
+        load_options={k: v for k in LOAD_OPTIONS if (v := getattr(args, k, None)) is not None},
+        defaults=dict(
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            sampler=args.sampler,
+            width=args.width,
+            height=args.height,
+            num_images=args.num_images,
+        ),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        strict=args.strict,
+        ray=args.ray,
+        ray_actors=args.ray_actors,
+        ray_cpus_per_actor=args.ray_cpus_per_actor,
+        progress=not args.quiet,
+    )
+    return 0 if summary.failed == 0 else 1
 
 
 def download(args: argparse.Namespace) -> int:
@@ -120,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "download":
             return download(args)
+        if args.command == "batch":
+            return batch(args)
     except KolorsError as e:
         print(f"kolors: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
