@@ -22,6 +22,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--text-encoder-quant",
+        default=None,
+        choices=["int8", "int4"],
+        help="weight-only quantized text encoder: less memory, slightly different images (experimental)",
+    )
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -186,7 +192,11 @@ def generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, seed, args.num_images)
 
     pipe = KolorsPipeline.from_pretrained(
-        args.model, dtype=args.dtype, device=args.device, variant=args.variant
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        variant=args.variant,
+        text_encoder_quant=args.text_encoder_quant,
     )
     pipe.set_progress_bar_config(disable=args.quiet)
     for (img, img_seed), path in zip(request.run(pipe), paths, strict=True):

@@ -24,6 +24,7 @@ from kolors import samplers
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
 from kolors.noise import randn
+from kolors.quant import parse_quant, quantize_text_encoder
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.tokenizer import ChatGLMTokenizer
 from kolors.unet import UNet2DConditionModel, UNetConfig
@@ -149,8 +150,11 @@ class KolorsPipeline:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         torch_dtype: torch.dtype | None = None,
+        text_encoder_quant: str | None = None,
     ) -> KolorsPipeline:
-        """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it)."""
+        """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
+        `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.quant), experimental."""
+        text_encoder_quant = parse_quant(text_encoder_quant)
         device = parse_device(device)
         dtype = parse_dtype(torch_dtype if torch_dtype is not None else dtype, device)
         root = resolve_model(
@@ -173,6 +177,7 @@ class KolorsPipeline:
             device=device,
             transform=checkpoint_keys_transform,
         )
+        quantize_text_encoder(text_encoder, text_encoder_quant)
         unet = build_on_meta(lambda: UNet2DConditionModel(unet_config))
         load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=device)
         vae = build_on_meta(lambda: AutoencoderKL(vae_config))
