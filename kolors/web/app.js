@@ -1,0 +1,382 @@
+// The Kolors web page: a form that posts AUTOMATIC1111-style requests to this server's /sdapi/v1 API,
+// polls its progress while a request runs, and keeps this session's images in a gallery.
+// Plain browser JavaScript, no build step and nothing fetched from elsewhere, so it works offline.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "kolors.apiKey";
+const POLL_MS = 400;
+
+let busy = false;
+let interrupted = false; // the user pressed Interrupt during the current request
+let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
+
+// ---- talking to the server ----
+
+function headers(json) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = `Bearer ${key}`;
+  return h;
+}
+
+// Relative paths, so a server mounted under a prefix still works.
+async function api(path, { method = "GET", body } = {}) {
+  let res;
+  try {
+    res = await fetch(path, {
+      method,
+      headers: headers(body !== undefined),
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (e) {
+    throw new Error(`Cannot reach the server (${e.message}). Is it still running?`);
+  }
+  if (!res.ok) {
+    const error = new Error(await errorText(res));
+    error.status = res.status;
+    throw error;
+  }
+  return res.json();
+}
+
+// FastAPI answers a string `detail` for its own checks and a list of {loc, msg} for schema errors.
+async function errorText(res) {
+  let detail = "";
+  try {
+    const body = await res.json();
+    detail = body.detail ?? body.error?.message ?? body.error ?? "";
+  } catch {
+    /* not JSON: fall back to the status line */
+  }
+  if (Array.isArray(detail)) {
+    detail = detail
+      .map((d) => {
+        const field = (d.loc || []).filter((p) => p !== "body").join(".");
+        return field ? `${field}: ${d.msg}` : d.msg;
+      })
+      .join("; ");
+  } else if (typeof detail !== "string") {
+    detail = JSON.stringify(detail);
+  }
+  let text = detail || `${res.status} ${res.statusText}`;
+  if (res.status === 401 || res.status === 403) {
+    text += " (enter this server's API key at the top of the page)";
+    $("key-box").open = true;
+  }
+  if (res.status === 429) {
+    const after = res.headers.get("Retry-After");
+    text = `The queue is full${after ? `; try again in ${after} s` : ", try again shortly"}. ${detail}`.trim();
+  }
+  return text;
+}
+
+// ---- form ----
+
+function snapToEight(input) {
+  const v = Number(input.value);
+  if (!Number.isFinite(v) || input.value === "") return;
+  input.value = Math.max(8, Math.round(v / 8) * 8);
+}
+
+function setSize(width, height) {
+  $("width").value = width;
+  $("height").value = height;
+  const preset = `${width}x${height}`;
+  const known = [...$("size-preset").options].some((o) => o.value === preset);
+  $("size-preset").value = known ? preset : "custom";
+}
+
+function intField(id) {
+  const v = Number($(id).value);
+  return Number.isFinite(v) ? Math.trunc(v) : $(id).value; // a non-number goes through: the server names the field
+}
+
+function buildRequest() {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative-prompt").value,
+    seed: $("seed").value === "" ? -1 : intField("seed"),
+    steps: intField("steps"),
+    cfg_scale: Number($("guidance").value),
+    width: intField("width"),
+    height: intField("height"),
+    batch_size: intField("batch-size"),
+    n_iter: 1,
+  };
+  if ($("sampler").value) body.sampler_name = $("sampler").value;
+  if (initImage) {
+    body.init_images = [initImage];
+    body.denoising_strength = Number($("strength").value);
+  }
+  return body;
+}
+
+function showError(text) {
+  $("error").textContent = text;
+  $("error").hidden = !text;
+}
+
+function setBusy(on) {
+  busy = on;
+  $("generate").disabled = on;
+  $("interrupt").disabled = !on;
+  $("generate-form").setAttribute("aria-busy", String(on));
+  $("progress-box").hidden = !on;
+  if (on) {
+    $("progress").value = 0;
+    $("progress-text").textContent = "Sending…";
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (busy) return;
+  showError("");
+  interrupted = false;
+  setBusy(true);
+  const endpoint = initImage ? "sdapi/v1/img2img" : "sdapi/v1/txt2img";
+  pollProgress();
+  try {
+    const result = await api(endpoint, { method: "POST", body: buildRequest() });
+    addResults(result);
+  } catch (e) {
+    // 409: the server stopped the job before its first image, which is what Interrupt asked for.
+    showError(interrupted && e.status === 409 ? "Interrupted before an image was finished." : e.message);
+  } finally {
+    setBusy(false);
+  }
+}
+
+// A1111's progress is the server's, not this request's: while ours waits in the queue it shows another job.
+async function pollProgress() {
+  while (busy) {
+    try {
+      const p = await api("sdapi/v1/progress?skip_current_image=true");
+      if (!busy) break;
+      showProgress(p);
+    } catch {
+      /* a missed poll is harmless; the request itself reports real errors */
+    }
+    await new Promise((r) => setTimeout(r, POLL_MS));
+  }
+}
+
+function showProgress(p) {
+  const state = p.state || {};
+  const step = state.sampling_step || 0;
+  const steps = state.sampling_steps || 0;
+  $("progress").value = Math.min(1, Math.max(0, p.progress || 0));
+  if (state.interrupted) {
+    $("progress-text").textContent = "Interrupting…";
+  } else if (steps > 0) {
+    const eta = p.eta_relative > 0 ? ` · about ${Math.ceil(p.eta_relative)} s left` : "";
+    $("progress-text").textContent = `Step ${step} of ${steps}${eta}`;
+  } else {
+    $("progress-text").textContent = "Waiting for the model…";
+  }
+}
+
+async function interrupt() {
+  interrupted = true;
+  $("progress-text").textContent = "Interrupting…";
+  try {
+    await api("sdapi/v1/interrupt", { method: "POST" });
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+// ---- image to image ----
+
+function readImage(file) {
+  showError("");
+  if (!file) return clearImage();
+  const reader = new FileReader();
+  reader.onload = () => {
+    const probe = new Image();
+    probe.onload = () => {
+      initImage = reader.result;
+      $("init-preview").src = initImage;
+      $("init-box").hidden = false;
+      $("strength").disabled = false;
+      // A1111 resizes the start image to width x height: start from the image's own size.
+      setSize(Math.max(8, probe.naturalWidth - (probe.naturalWidth % 8)), Math.max(8, probe.naturalHeight - (probe.naturalHeight % 8)));
+      $("generate").textContent = "Generate from image";
+    };
+    probe.onerror = () => {
+      clearImage();
+      showError(`${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file.`);
+    };
+    probe.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function clearImage() {
+  initImage = null;
+  $("init-image").value = "";
+  $("init-preview").removeAttribute("src");
+  $("init-box").hidden = true;
+  $("strength").disabled = true;
+  $("generate").textContent = "Generate";
+}
+
+// ---- gallery ----
+
+// The PNG bytes exactly as the server sent them, so the download keeps the `parameters` text chunk.
+function pngBlob(b64) {
+  const raw = atob(b64.replace(/^data:[^,]*,/, ""));
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+  return new Blob([bytes], { type: "image/png" });
+}
+
+function addResults(result) {
+  let info = result.info || {};
+  if (typeof info === "string") {
+    try {
+      info = JSON.parse(info);
+    } catch {
+      info = {};
+    }
+  }
+  const seeds = info.all_seeds || [];
+  const infotexts = info.infotexts || [];
+  const items = (result.images || []).map((b64, i) => ({
+    url: URL.createObjectURL(pngBlob(b64)),
+    seed: seeds[i] ?? (info.seed != null ? info.seed + i : "?"),
+    infotext: infotexts[i] || "",
+    prompt: (result.parameters || {}).prompt ?? $("prompt").value,
+  }));
+  // Newest first, and a batch keeps its own order at the top.
+  for (const item of items.reverse()) $("gallery").prepend(galleryItem(item));
+  $("gallery-empty").hidden = $("gallery").children.length > 0;
+  if (!items.length) {
+    showError(interrupted ? "Interrupted before an image was finished." : "The server answered without images.");
+  }
+}
+
+function galleryItem(item) {
+  const li = document.createElement("li");
+  li.className = "card";
+  li.dataset.seed = item.seed;
+
+  const view = document.createElement("button");
+  view.type = "button";
+  view.className = "thumb";
+  view.setAttribute("aria-label", `View image with seed ${item.seed} large`);
+  const img = document.createElement("img");
+  img.src = item.url;
+  img.alt = item.prompt || "Generated image";
+  view.append(img);
+  view.addEventListener("click", () => openViewer(item));
+
+  const caption = document.createElement("p");
+  caption.className = "seed";
+  caption.textContent = `Seed ${item.seed}`;
+
+  const download = document.createElement("a");
+  download.href = item.url;
+  download.download = `kolors-${item.seed}.png`;
+  download.textContent = "Download PNG";
+  download.className = "download";
+
+  li.append(view, caption, download);
+  return li;
+}
+
+function openViewer(item) {
+  $("viewer-title").textContent = `Seed ${item.seed}`;
+  $("viewer-image").src = item.url;
+  $("viewer-image").alt = item.prompt || "Generated image";
+  $("viewer-info").textContent = item.infotext;
+  $("viewer-download").href = item.url;
+  $("viewer-download").download = `kolors-${item.seed}.png`;
+  $("viewer-reuse").onclick = () => {
+    $("seed").value = item.seed;
+    $("viewer").close();
+    $("seed").focus();
+  };
+  $("viewer").showModal();
+}
+
+// ---- start ----
+
+async function loadServerInfo() {
+  showError("");
+  try {
+    const health = await api("health");
+    let model = "";
+    try {
+      const options = await api("sdapi/v1/options");
+      model = options.sd_model_checkpoint || "";
+    } catch {
+      /* optional */
+    }
+    const state = `Server ${health.status || "ready"}`;
+    $("server-status").textContent = model ? `${state} · model ${model}` : state;
+  } catch (e) {
+    $("server-status").textContent = "Server not reachable";
+    showError(e.message);
+  }
+  try {
+    fillSamplers(await api("sdapi/v1/samplers"));
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function fillSamplers(samplers) {
+  if (!samplers.length) return;
+  const select = $("sampler");
+  select.replaceChildren(
+    ...samplers.map((s) => {
+      const option = new Option(s.name, s.name);
+      if (s.aliases?.length) option.title = `also: ${s.aliases.join(", ")}`;
+      return option;
+    }),
+  );
+  // DPM-Solver++(2M) is the sampler that looks good at the default 25 steps.
+  const names = (s) => [s.name, ...(s.aliases || [])].map((n) => n.toLowerCase());
+  const preferred = samplers.find((s) => names(s).some((n) => n.includes("dpmpp-2m") || n.includes("dpm++ 2m")));
+  if (preferred) select.value = preferred.name;
+}
+
+function init() {
+  $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    loadServerInfo();
+  });
+
+  $("size-preset").addEventListener("change", () => {
+    const v = $("size-preset").value;
+    if (v === "custom") return $("width").focus();
+    const [w, h] = v.split("x").map(Number);
+    setSize(w, h);
+  });
+  for (const id of ["width", "height"]) {
+    $(id).addEventListener("change", () => {
+      snapToEight($(id));
+      setSize($("width").value, $("height").value);
+    });
+  }
+  $("random-seed").addEventListener("click", () => ($("seed").value = -1));
+  $("strength").addEventListener("input", () => ($("strength-value").value = Number($("strength").value).toFixed(2)));
+  $("init-image").addEventListener("change", () => readImage($("init-image").files[0]));
+  $("clear-image").addEventListener("click", clearImage);
+  $("generate-form").addEventListener("submit", generate);
+  $("interrupt").addEventListener("click", interrupt);
+  $("viewer-close").addEventListener("click", () => $("viewer").close());
+  // Ctrl+Enter (Cmd+Enter) in a prompt generates, as in most image UIs.
+  for (const id of ["prompt", "negative-prompt"]) {
+    $(id).addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate-form").requestSubmit();
+    });
+  }
+  loadServerInfo();
+}
+
+init();
