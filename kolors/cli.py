@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -63,7 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("model", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--variant", default=None, help="weight file variant (default: plain, else fp16)")
     add_batch_parser(sub)
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    srv = sub.add_parser(
+        "serve",
+        help="serve the OpenAI and AUTOMATIC1111 image APIs and a web page",
+        description="Loads the model once and serves /v1/images/generations and /edits (OpenAI), /sdapi/v1/... "
+        "(AUTOMATIC1111), a web page at / and the API docs at /docs, over one job queue.",
+    )
+    add_model_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("KOLORS_API_KEY"),
+        help="Bearer token every API call must carry (default: $KOLORS_API_KEY); required off localhost",
+    )
+    srv.add_argument(
+        "--queue-size", type=int, default=64, help="jobs that may wait; more get 429 (default: 64)"
+    )
+    srv.add_argument("--max-width", type=int, default=2048)
+    srv.add_argument("--max-height", type=int, default=2048)
+    srv.add_argument("--max-steps", type=int, default=150)
+    srv.add_argument("--max-n", type=int, default=8, help="images per request (default: 8)")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload (default: 20)")
+    srv.add_argument(
+        "--url-ttl",
+        type=float,
+        default=3600.0,
+        help="seconds a response_format=url image stays (default: 3600)",
+    )
 
 
 def add_batch_parser(sub) -> None:
@@ -205,6 +238,38 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Check the options, load the model, then listen: a bad option or model fails before the port is taken."""
+    try:
+        from kolors.server import ServerConfig, check_bind, run
+    except ImportError as e:
+        raise KolorsError(
+            f"kolors serve needs the server extra ({e.name} is missing): pip install 'kolors[server]'"
+        ) from None
+    from kolors.pipeline import KolorsPipeline
+
+    config = ServerConfig(
+        api_key=args.api_key or None,
+        queue_size=args.queue_size,
+        max_width=args.max_width,
+        max_height=args.max_height,
+        max_steps=args.max_steps,
+        max_n=args.max_n,
+        max_upload_mb=args.max_upload_mb,
+        url_ttl=args.url_ttl,
+    )
+    config.check()
+    check_bind(args.host, config.api_key)
+    if not 0 < args.port < 65536:
+        raise KolorsError(f"port must be between 1 and 65535, not {args.port}")
+    load_options = {k: v for k in LOAD_OPTIONS if (v := getattr(args, k, None)) is not None}
+    pipe = KolorsPipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, variant=args.variant, **load_options
+    )
+    run(pipe, config, host=args.host, port=args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -214,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             return download(args)
         if args.command == "batch":
             return batch(args)
+        if args.command == "serve":
+            return serve(args)
     except KolorsError as e:
         print(f"kolors: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

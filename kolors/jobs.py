@@ -1,0 +1,252 @@
+"""The server's job queue: one bounded queue, one worker thread per device, jobs run in the order they came.
+
+A job is one or more pipeline calls (AUTOMATIC1111's `n_iter` batches of `batch_size` images). The pipeline is
+synchronous and holds the device for the whole call, so requests never call it themselves: they submit a job
+and wait for it. The worker reports progress from the pipeline's step callback and stops a job between steps
+when asked to (an interrupt, or a client that went away), which is the callback raising `Interrupted`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from kolors.errors import KolorsError
+from kolors.request import GenerationRequest
+
+log = logging.getLogger("kolors.server")
+
+
+class QueueFull(Exception):
+    """No room for another job; `retry_after` is an estimate in whole seconds."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the queue is full ({waiting} jobs waiting)")
+        self.waiting, self.retry_after = waiting, retry_after
+
+
+class Interrupted(Exception):
+    """Raised from the step callback to stop a running job."""
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = (
+        "cancelled"  # cancelled while queued, or interrupted while running (results holds what finished)
+    )
+
+
+@dataclass(eq=False)
+class Job:
+    calls: list[GenerationRequest]  # one pipeline call each
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    state: JobState = JobState.QUEUED
+    results: list[tuple[Image.Image, int, GenerationRequest]] = field(default_factory=list)
+    error: Exception | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None  # time.monotonic() when the worker took it
+    finished: float | None = None
+    call: int = 0  # which of `calls` is running
+    step: int = 0  # steps done in that call
+    steps: int = 0  # steps that call runs
+    interrupted: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _callbacks: list[Callable[[Job], None]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all of the job's calls."""
+        if self.state is JobState.DONE:
+            return 1.0
+        if not self.calls or self.steps == 0:
+            return self.call / max(1, len(self.calls))
+        return min(1.0, (self.call + self.step / self.steps) / len(self.calls))
+
+    @property
+    def eta(self) -> float:
+        """Seconds left, extrapolated from the time spent so far (0 until the first step is done)."""
+        if self.started is None or self.finished is not None or self.progress <= 0:
+            return 0.0
+        elapsed = time.monotonic() - self.started
+        return elapsed / self.progress - elapsed
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[[Job], None]) -> None:
+        """Call fn(job) once the job is finished (at once if it already is), from the thread that finished it."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        _call(fn, self)
+
+    def _finish(self, state: JobState) -> None:
+        with self._lock:
+            self.state, self.finished = state, time.monotonic()
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _call(fn, self)
+
+
+def _call(fn: Callable[[Job], None], job: Job) -> None:
+    try:
+        fn(job)
+    except Exception:  # a waiter that went away (its event loop closed) must not kill the worker
+        log.exception("job %s: a done callback failed", job.id)
+
+
+class JobQueue:
+    """Jobs waiting in order (at most `maxsize`), taken by one worker thread per pipeline."""
+
+    def __init__(self, pipes: Sequence, maxsize: int = 64):
+        if maxsize < 1:
+            raise KolorsError(f"queue size must be at least 1, not {maxsize}")
+        self.pipes, self.maxsize = list(pipes), maxsize
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._seconds_per_job = 10.0  # running mean, for Retry-After
+        self.submitted = self.rejected = self.finished = 0
+
+    def start(self) -> None:
+        for i, pipe in enumerate(self.pipes):
+            thread = threading.Thread(target=self._work, args=(pipe,), name=f"kolors-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._closed:
+                raise KolorsError("the server is shutting down; retry on another instance")
+            if len(self._waiting) >= self.maxsize:
+                self.rejected += 1
+                # Each worker clears a job in about _seconds_per_job: the time until one place frees up.
+                wait = self._seconds_per_job / len(self.pipes)
+                raise QueueFull(len(self._waiting), max(1, math.ceil(wait)))
+            self._waiting.append(job)
+            self.submitted += 1
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """A queued job leaves the queue now; a running one stops after its current step."""
+        with self._cond:
+            if job.state is JobState.QUEUED and job in self._waiting:
+                self._waiting.remove(job)
+            elif job.state is JobState.RUNNING:
+                job.interrupted = True
+                job._stop.set()
+                return
+            else:
+                return
+        job._finish(JobState.CANCELLED)
+
+    def interrupt(self) -> int:
+        """Stop the running jobs after their current step (the waiting ones go on); how many were running."""
+        with self._cond:
+            for job in self._running:
+                job.interrupted = True
+                job._stop.set()
+            return len(self._running)
+
+    def running(self) -> list[Job]:
+        with self._cond:
+            return list(self._running)
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel the waiting jobs, stop the running ones between steps and end the workers."""
+        with self._cond:
+            self._closed = True
+            cancelled = list(self._waiting)
+            self._waiting.clear()
+            for job in self._running:
+                job._stop.set()
+            self._cond.notify_all()
+        for job in cancelled:
+            job._finish(JobState.CANCELLED)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------------ worker
+
+    def _work(self, pipe) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._waiting.popleft()
+                job.state, job.started = JobState.RUNNING, time.monotonic()
+                self._running.append(job)
+            try:
+                state = self._run(pipe, job)
+            finally:
+                with self._cond:
+                    self._running.remove(job)
+                    self.finished += 1
+                    elapsed = time.monotonic() - job.started
+                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+            job._finish(state)
+
+    def _run(self, pipe, job: Job) -> JobState:
+        def on_step(step: int, num_steps: int, latents) -> None:
+            if job._stop.is_set():
+                raise Interrupted
+            job.step, job.steps = step + 1, num_steps
+
+        try:
+            for i, request in enumerate(job.calls):
+                if job._stop.is_set():
+                    raise Interrupted
+                job.call, job.step, job.steps = i, 0, request.steps
+                for image, seed in request.run(pipe, callback=on_step):
+                    job.results.append((image, seed, request))
+            return JobState.DONE
+        except Interrupted:
+            return JobState.CANCELLED
+        except KolorsError as e:
+            job.error = e
+            return JobState.FAILED
+        except Exception as e:  # the worker must outlive any job; the server answers it as a logged 5xx
+            log.exception("job %s failed", job.id)
+            job.error = e
+            _free_device_memory()
+            return JobState.FAILED
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,398 @@
+"""The HTTP API's bodies and limits: AUTOMATIC1111's and OpenAI's request fields as pydantic models, and the
+checks that turn them into GenerationRequests under this server's limits.
+
+Every check raises RequestError naming the field, so a bad request answers 4xx with a message a person can act
+on; uploads are measured before they are decoded, and decoded only under a pixel limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from kolors import samplers
+from kolors.errors import KolorsError
+from kolors.pipeline import MAX_SEED
+from kolors.request import GenerationRequest, png_bytes_info
+
+MAX_PROMPT_CHARS = 10_000
+DEFAULT_STEPS = 50
+UPLOAD_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
+# Kolors' samplers under the names AUTOMATIC1111 clients send; dpmpp-2m always uses Karras sigmas.
+A1111_SAMPLERS = {
+    "euler": ("Euler", ["euler", "k_euler"]),
+    "dpmpp-2m": ("DPM++ 2M Karras", ["dpmpp-2m", "DPM++ 2M"]),
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    api_key: str | None = None  # Bearer token every API call must carry; None: no key
+    queue_size: int = 64  # jobs waiting (the running ones not counted); more answer 429
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_n: int = 8  # images per request
+    max_upload_mb: float = 20.0
+    max_upload_pixels: int = 4096 * 4096  # an upload is decoded only under this many pixels
+    url_ttl: float = 3600.0  # seconds a response_format=url image stays downloadable
+    url_store_mb: float = 512.0  # memory for those images; the oldest go first
+
+    def check(self) -> None:
+        for name in ("queue_size", "max_width", "max_height", "max_steps", "max_n", "max_upload_pixels"):
+            if getattr(self, name) < 1:
+                raise KolorsError(f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_upload_mb", "url_ttl", "url_store_mb"):
+            if not getattr(self, name) > 0:
+                raise KolorsError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.max_width % 8 or self.max_height % 8:
+            raise KolorsError("max-width and max-height must be multiples of 8")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+class RequestError(Exception):
+    """A bad request: 422 (400 on OpenAI routes) naming the field."""
+
+    def __init__(self, field: str | None, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field, self.status = field, status
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+
+class A1111Request(BaseModel):
+    """The fields AUTOMATIC1111 clients send; the others are ignored, as AUTOMATIC1111 does."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    prompt: str | None = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field("", max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random; image i gets seed + i")
+    steps: int | None = Field(None, ge=1, description="default 50 (or this server's maximum if lower)")
+    cfg_scale: float = Field(5.0, ge=0, le=100)
+    width: int | None = Field(None, ge=8, description="multiple of 8; default the model's native size")
+    height: int | None = Field(None, ge=8, description="multiple of 8; default the model's native size")
+    sampler_name: str | None = Field(None, description="see /sdapi/v1/samplers; default Euler")
+    sampler_index: str | None = Field(None, description="the older name of sampler_name")
+    batch_size: int = Field(1, ge=1, description="images per pipeline call")
+    n_iter: int = Field(1, ge=1, description="pipeline calls, one after the other")
+
+
+class Txt2ImgRequest(A1111Request):
+    """AUTOMATIC1111's txt2img body."""
+
+
+class Img2ImgRequest(A1111Request):
+    """AUTOMATIC1111's img2img body: the init image is resized to width x height when they are given, else
+    kept at its own size (rounded down to a multiple of 8)."""
+
+    init_images: list[str] = Field(
+        min_length=1, description="base64 PNG/JPEG/WebP, with or without a data: prefix; the first is used"
+    )
+    denoising_strength: float = Field(0.75, ge=0, le=1)
+    mask: str | None = Field(None, description="inpainting is not supported: must be empty")
+    include_init_images: bool = False
+
+
+class A1111Response(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's images/generations body, plus Kolors' own fields."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, description="'kolors' or the served model's name (GET /v1/models)")
+    n: int | None = Field(1, ge=1)
+    size: str | None = Field(None, description="WxH, multiples of 8, or auto (the model's native size)")
+    response_format: Literal["b64_json", "url"] | None = None
+    stream: bool | None = Field(None, description="streaming is not supported")
+    negative_prompt: str | None = Field("", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(
+        None, ge=-1, le=MAX_SEED, description="-1 or absent: random; image i gets seed + i"
+    )
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    sampler: str | None = Field(None, description="euler (default) or dpmpp-2m")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    seed: int
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    size: str
+    output_format: str = "png"
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def check_size(width: int, height: int, config: ServerConfig, fields=("width", "height")) -> None:
+    for name, value, limit in ((fields[0], width, config.max_width), (fields[1], height, config.max_height)):
+        if value < 8 or value % 8:
+            low = max(8, value - value % 8)
+            raise RequestError(name, f"{value} is not a multiple of 8; use {low} or {low + 8}")
+        if value > limit:
+            raise RequestError(name, f"{value} is over this server's limit of {limit} pixels")
+
+
+def check_steps(steps: int | None, config: ServerConfig, field: str = "steps") -> int:
+    if steps is None:
+        return min(DEFAULT_STEPS, config.max_steps)
+    if steps > config.max_steps:
+        raise RequestError(field, f"{steps} is over this server's limit of {config.max_steps} steps")
+    return steps
+
+
+def check_count(n: int, config: ServerConfig, field: str) -> None:
+    if n > config.max_n:
+        raise RequestError(field, f"{n} images is over this server's limit of {config.max_n} per request")
+
+
+def resolve_sampler(name: str | None, field: str = "sampler") -> str:
+    if name is None or name == "":
+        return "euler"
+    for key in samplers.SAMPLERS:
+        title, aliases = A1111_SAMPLERS.get(key, (key, []))
+        if name.lower() in {key, title.lower(), *(a.lower() for a in aliases)}:
+            return key
+    known = ", ".join(A1111_SAMPLERS.get(k, (k,))[0] for k in samplers.SAMPLERS)
+    raise RequestError(
+        field, f"unknown sampler {name!r}; choose one of: {known} (or {', '.join(samplers.SAMPLERS)})"
+    )
+
+
+def resolve_seed(seed: int | None, count: int, field: str = "seed") -> int:
+    """The first seed of `count` consecutive ones (seed + i for image i); None or -1: random."""
+    if seed is None or seed == -1:
+        return random.randint(0, MAX_SEED - count)
+    if seed + count - 1 > MAX_SEED:
+        raise RequestError(
+            field, f"{seed} + {count} images runs past {MAX_SEED}; use a seed <= {MAX_SEED - count + 1}"
+        )
+    return seed
+
+
+def parse_size(size: str | None, default: tuple[int, int], config: ServerConfig) -> tuple[int, int] | None:
+    """OpenAI's "WxH" as (width, height); "auto" or absent: `default` (None means the image's own)."""
+    if size is None or size == "auto":
+        return default
+    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
+    if not m:
+        raise RequestError("size", f"{size!r} is not WIDTHxHEIGHT, e.g. 1024x1024, or auto")
+    width, height = int(m[1]), int(m[2])
+    check_size(width, height, config, fields=("size", "size"))
+    return width, height
+
+
+def decode_base64(data: str, config: ServerConfig, field: str) -> bytes:
+    """A base64 image, with or without a data:image/...;base64, prefix; its length is checked before decoding."""
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise RequestError(field, "a data: URL must be base64 (data:image/png;base64,...)")
+    if len(data) > math.ceil(config.max_upload_bytes / 3) * 4 + 1024:
+        raise RequestError(
+            field, f"image is over this server's upload limit of {config.max_upload_mb:g} MB", 413
+        )
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", data), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "not valid base64 image data") from None
+
+
+def decode_image(data: bytes, config: ServerConfig, field: str) -> Image.Image:
+    """Decode an uploaded image under the size limits: bytes first, then pixels from the header before the decode."""
+    if len(data) > config.max_upload_bytes:
+        raise RequestError(
+            field, f"image is over this server's upload limit of {config.max_upload_mb:g} MB", 413
+        )
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
+            if im.width * im.height > config.max_upload_pixels:
+                raise RequestError(
+                    field,
+                    f"image of {im.width}x{im.height} is over this server's limit of {config.max_upload_pixels} pixels",
+                )
+            im.load()
+            return im.convert("RGB")
+    except RequestError:
+        raise
+    except UnidentifiedImageError:
+        raise RequestError(field, "not an image this server reads; send a PNG, JPEG or WebP") from None
+    except Exception as e:  # anything PIL raises on untrusted bytes means the client sent a bad image
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RequestError(field, f"cannot decode the image ({reason}); send a PNG, JPEG or WebP") from None
+
+
+def fit_init_image(
+    image: Image.Image, size: tuple[int, int] | None, config: ServerConfig, field: str
+) -> Image.Image:
+    """The init image at the output size: resized to `size` when given, else its own size rounded down to 8."""
+    if size is None:
+        width, height = image.width - image.width % 8, image.height - image.height % 8
+        if width < 8 or height < 8:
+            raise RequestError(
+                field, f"image of {image.width}x{image.height} is too small; it needs at least 8x8 pixels"
+            )
+        if width > config.max_width or height > config.max_height:
+            raise RequestError(
+                field,
+                f"image of {image.width}x{image.height} is over this server's limit of "
+                f"{config.max_width}x{config.max_height}; give an output size to resize it",
+            )
+        size = (width, height)
+    return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
+
+
+def png_bytes(image: Image.Image, infotext: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_bytes_info(infotext))
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------- mapping
+
+
+def a1111_calls(
+    body: A1111Request,
+    config: ServerConfig,
+    native_size: int,
+    image: Image.Image | None = None,
+    strength: float = 0.3,
+) -> list[GenerationRequest]:
+    """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
+    count = body.batch_size * body.n_iter
+    check_count(count, config, "batch_size")
+    steps = check_steps(body.steps, config)
+    sampler = resolve_sampler(body.sampler_name or body.sampler_index, "sampler_name")
+    seed = resolve_seed(body.seed, count)
+    if image is None:
+        width, height = body.width or native_size, body.height or native_size
+        check_size(width, height, config)
+    else:
+        width, height = image.size
+    first = GenerationRequest(
+        prompt=body.prompt or "",
+        negative_prompt=body.negative_prompt or "",
+        steps=steps,
+        guidance=float(body.cfg_scale),
+        sampler=sampler,
+        seed=seed,
+        width=width,
+        height=height,
+        num_images=body.batch_size,
+        image=image,
+        strength=strength,
+    )
+    calls = [replace(first, seed=seed + i * body.batch_size) for i in range(body.n_iter)]
+    first.validate()  # the engine's own checks, before the job waits in the queue
+    return calls
+
+
+def a1111_info(
+    body: A1111Request,
+    results: list[tuple[Image.Image, int, GenerationRequest]],
+    infotexts: list[str],
+    model_name: str,
+    version: str,
+) -> dict[str, Any]:
+    """The `info` object of an AUTOMATIC1111 response (sent as a JSON string), for the images made."""
+    first, seeds, n = results[0][2], [seed for _, seed, _ in results], len(results)
+    return {
+        "prompt": first.prompt,
+        "all_prompts": [first.prompt] * n,
+        "negative_prompt": first.negative_prompt,
+        "all_negative_prompts": [first.negative_prompt] * n,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * n,
+        "subseed_strength": 0,
+        "width": results[0][0].width,
+        "height": results[0][0].height,
+        "sampler_name": A1111_SAMPLERS.get(first.sampler, (first.sampler,))[0],
+        "cfg_scale": first.guidance,
+        "steps": first.steps,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "denoising_strength": first.strength if first.image is not None else None,
+        "sd_model_name": model_name,
+        "sd_model_hash": None,
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "version": f"kolors {version}",
+    }
+
+
+def openai_call(
+    config: ServerConfig,
+    *,
+    prompt: str,
+    size: tuple[int, int],
+    n: int | None = 1,
+    negative_prompt: str | None = "",
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
+    image: Image.Image | None = None,
+    strength: float = 0.3,
+) -> GenerationRequest:
+    """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
+    n = n or 1
+    check_count(n, config, "n")
+    request = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        steps=check_steps(steps, config),
+        guidance=5.0 if guidance_scale is None else float(guidance_scale),
+        sampler=resolve_sampler(sampler),
+        seed=resolve_seed(seed, n),
+        width=size[0],
+        height=size[1],
+        num_images=n,
+        image=image,
+        strength=strength,
+    )
+    request.validate()
+    return request
