@@ -9,6 +9,7 @@ const POLL_MS = 400;
 
 let busy = false;
 let interrupted = false; // the user pressed Interrupt during the current request
+let run = 0; // counts requests, so a poller left over from the last one stops
 let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
 
 // ---- talking to the server ----
@@ -137,7 +138,7 @@ async function generate(event) {
   interrupted = false;
   setBusy(true);
   const endpoint = initImage ? "sdapi/v1/img2img" : "sdapi/v1/txt2img";
-  pollProgress();
+  pollProgress(++run);
   try {
     const result = await api(endpoint, { method: "POST", body: buildRequest() });
     addResults(result);
@@ -150,11 +151,11 @@ async function generate(event) {
 }
 
 // A1111's progress is the server's, not this request's: while ours waits in the queue it shows another job.
-async function pollProgress() {
-  while (busy) {
+async function pollProgress(id) {
+  while (busy && id === run) {
     try {
       const p = await api("sdapi/v1/progress?skip_current_image=true");
-      if (!busy) break;
+      if (!busy || id !== run) break;
       showProgress(p);
     } catch {
       /* a missed poll is harmless; the request itself reports real errors */
