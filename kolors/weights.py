@@ -4,14 +4,19 @@ A model is a folder in the Kolors-diffusers layout (model_index.json and one sub
 repo id, downloaded through huggingface_hub into its standard cache, only the files the chosen variant needs.
 Weights are read tensor by tensor into a model built on the meta device: each tensor is converted to the target
 dtype and device as it is read, so the full model never exists twice in memory. Loading is strict: a missing,
-unexpected or mis-shaped tensor is an error that names the file, the key and the shapes.
+unexpected or mis-shaped tensor is an error that names the file, the key and the shapes, raised from the files'
+headers before any data is read. A Checkpoint can also give a few tensors on demand: the low-memory mode streams
+the text encoder's layers from it (kolors/memory.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +52,7 @@ def resolve_model(
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise KolorsError(f"model folder not found: {name}; pass a Kolors-diffusers folder or a hub repo id")
 
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = [
@@ -58,8 +63,14 @@ def resolve_model(
         "tokenizer/*.txt",
         "tokenizer/*.json",
     ]
-    variants = [variant] if variant is not None else [None, "fp16"]
-    patterns += [pattern for v in variants for pattern in _weight_patterns(v)]
+    listing = None if local_files_only or constants.HF_HUB_OFFLINE else _repo_files(name, revision)
+    if (
+        listing is not None
+    ):  # exactly the files weight_files will pick, nothing of the other variants or formats
+        patterns += _needed_weight_files(listing, variant)
+    else:  # offline: the cache decides; any file of the wanted variants
+        variants = [variant] if variant is not None else [None, "fp16"]
+        patterns += [pattern for v in variants for pattern in _weight_patterns(v)]
     try:
         snapshot = Path(
             snapshot_download(
@@ -80,6 +91,29 @@ def resolve_model(
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KolorsError(f"could not download '{name}' from the model hub: {first_line}") from None
     return snapshot
+
+
+def _repo_files(name: str, revision: str | None) -> list[str] | None:
+    """The repo's file list, or None when it cannot be had (snapshot_download then reports why)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(library_name="kolors").list_repo_files(name, revision=revision)
+    except Exception:
+        return None
+
+
+def _needed_weight_files(repo_files: list[str], variant: str | None) -> list[str]:
+    """allow_patterns for the weight files each component needs, chosen from the repo's listing."""
+    names: dict[str, set[str]] = {}
+    for path in repo_files:
+        component, _, name = path.partition("/")
+        names.setdefault(component, set()).add(name)
+    return [
+        f"{component}/{name}"
+        for component in ("text_encoder", "unet", "vae")
+        for name in _pick_weights(names.get(component, set()), variant) or []
+    ]
 
 
 def _weight_patterns(variant: str | None) -> list[str]:
@@ -125,23 +159,31 @@ def check_model_folder(root: Path) -> None:
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     """The weight files of one component: single or sharded safetensors (via the index json), else pickled
     .bin files. `variant=None` prefers plain files and falls back to the fp16 variant."""
-    variants = [variant] if variant is not None else [None, "fp16"]
-    for v in variants:
-        suffix = f".{v}" if v else ""
-        for stem in WEIGHT_STEMS:
-            for ext in ("safetensors", "bin"):
-                index = folder / f"{stem}.{ext}.index{suffix}.json"
-                if index.is_file():
-                    return _files_from_index(index)
-                single = folder / f"{stem}{suffix}.{ext}"
-                if single.is_file():
-                    return [single]
-    wanted = f"the '{variant}' variant" if variant else "plain or fp16 weights"
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    picked = _pick_weights(set(found), variant)
+    if picked and picked[0].endswith(".json"):
+        return _files_from_index(folder / picked[0])
+    if picked:
+        return [folder / picked[0]]
+    wanted = f"the '{variant}' variant" if variant else "plain or fp16 weights"
     raise KolorsError(
         f"no weight files for {wanted} in {folder} (found: {', '.join(found) or 'nothing'}); "
         "pass variant= to match the files, or download the model again"
     )
+
+
+def _pick_weights(names: set[str], variant: str | None) -> list[str] | None:
+    """The weight files of one component among `names`: [index, shard glob] or [single file], preferring plain
+    over fp16 (variant=None), safetensors over pickles, and the stems diffusers, then transformers save."""
+    for v in [variant] if variant is not None else [None, "fp16"]:
+        suffix = f".{v}" if v else ""
+        for stem in WEIGHT_STEMS:
+            for ext in ("safetensors", "bin"):
+                if f"{stem}.{ext}.index{suffix}.json" in names:
+                    return [f"{stem}.{ext}.index{suffix}.json", f"{stem}{suffix}-*-of-*.{ext}"]
+                if f"{stem}{suffix}.{ext}" in names:
+                    return [f"{stem}{suffix}.{ext}"]
+    return None
 
 
 def _files_from_index(index: Path) -> list[Path]:
@@ -158,27 +200,119 @@ def _files_from_index(index: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+# safetensors' dtype names, as its format specification spells them.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
 
-def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of one weight file, one tensor at a time. Pickled files are read only with
-    weights_only=True (no code runs) and memory-mapped."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
 
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
-    except KolorsError:
-        raise
-    except Exception as e:  # safetensors and torch.load raise many types for a truncated or corrupt file
-        raise KolorsError(
-            f"weight file {file} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "delete it and download the model again"
-        ) from None
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, its name there, and in a safetensors file the offset of its bytes."""
+
+    file: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data; -1 in a pickled file, which torch.load reads
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Checkpoint:
+    """One component's tensors across its weight files, by model key, known from the files' headers alone.
+
+    Nothing is read until asked: `check` compares keys and shapes with a model built on the meta device before
+    any data is touched, and `read` gives the tensors one at a time. A safetensors tensor is memory-mapped on its
+    own byte range, converted into its one new tensor and unmapped, so its file pages never stay resident next
+    to the converted weights (safetensors' get_tensor copies out of a mapping of the whole file, whose touched
+    pages count in the resident set until the file is closed: twice the model at the end of a load)."""
+
+    def __init__(self, files: list[Path], transform: Callable[[dict], dict] | None = None):
+        self.files = list(files)
+        self.entries: dict[str, TensorEntry] = {}
+        for file in self.files:
+            for name, entry in _index(file).items():
+                # The component's key transform (strip a prefix, drop an unused tensor) only looks at keys.
+                self.entries.update(transform({name: entry}) if transform else {name: entry})
+
+    def check(self, model: nn.Module) -> None:
+        """Strict: every tensor of `model` is here with the shape the config gives it, and nothing else is."""
+        expected = model.state_dict(keep_vars=True)
+        missing = sorted(set(expected) - set(self.entries))
+        unexpected = sorted(set(self.entries) - set(expected))
+        if missing:
+            raise KolorsError(
+                f"weights in {self.files[0].parent} lack {len(missing)} tensor(s) the config needs, e.g. "
+                f"'{missing[0]}'; the config and the weights are from different models"
+            )
+        if unexpected:
+            entry = self.entries[unexpected[0]]
+            raise KolorsError(
+                f"weight file {entry.file} has {len(unexpected)} tensor(s) the config does not know, e.g. "
+                f"'{entry.name}'; the config and the weights are from different models"
+            )
+        for key, tensor in expected.items():
+            entry = self.entries[key]
+            if entry.shape != tuple(tensor.shape):
+                raise KolorsError(
+                    f"weight '{entry.name}' in {entry.file} has shape {entry.shape} but the config makes "
+                    f"{tuple(tensor.shape)}; the config and the weights are from different models"
+                )
+
+    def read(
+        self,
+        keys: Iterable[str],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        keep_dtype: Callable[[str], bool] = lambda key: False,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for each key, file by file in storage order, each a new tensor in `dtype` on `device`.
+        Integer tensors keep their dtype; `keep_dtype(key)` keeps a tensor in float32 (computed in fp32)."""
+        by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
+        for key in keys:
+            entry = self.entries[key]
+            by_file.setdefault(entry.file, []).append((key, entry))
+
+        def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
+            target = (
+                (torch.float32 if keep_dtype(key) else dtype) if tensor.is_floating_point() else tensor.dtype
+            )
+            # copy=True: a new tensor even when nothing changes, never a view of the file's mapping.
+            return tensor.to(device=device, dtype=target, copy=True)
+
+        for file, items in by_file.items():
+            items.sort(key=lambda item: item[1].offset)
+            read = _read_safetensors if file.suffix == ".safetensors" else _read_pickled
+            yield from read(file, items, convert)
+
+    def load(
+        self,
+        model: nn.Module,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        keep_dtype: Callable[[str], bool] = lambda key: False,
+    ) -> nn.Module:
+        """Check, then read every tensor into `model` (built on the meta device): load_state_dict(assign=True)
+        takes the new tensors as they are, so each weight exists once."""
+        self.check(model)
+        state = dict(self.read(model.state_dict(), dtype=dtype, device=device, keep_dtype=keep_dtype))
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
 
 
 def load_weights(
@@ -187,55 +321,99 @@ def load_weights(
     *,
     dtype: torch.dtype,
     device: torch.device | str,
-    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    transform: Callable[[dict], dict] | None = None,
     keep_dtype: Callable[[str], bool] = lambda key: False,
 ) -> nn.Module:
     """Strictly load `files` into `model` (built on the meta device), converting each tensor to `dtype` and
     `device` as it is read. `transform` is the component's one visible key transform (a prefix, an unused
     tensor); `keep_dtype(key)` keeps a tensor in float32 when the model computes it in full precision."""
-    expected = model.state_dict(keep_vars=True)
-    state: dict[str, torch.Tensor] = {}
-    source: dict[str, Path] = {}
-    for file in files:
-        for raw_key, raw in read_tensors(file):
-            # One tensor at a time: the original is freed as soon as its converted copy exists.
-            for key, tensor in (transform({raw_key: raw}) if transform else {raw_key: raw}).items():
-                source[key] = file
-                state[key] = _convert(key, tensor, expected, file, dtype, device, keep_dtype)
-
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    where = files[0].parent
-    if missing:
-        raise KolorsError(
-            f"weights in {where} lack {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'; "
-            "the config and the weights are from different models"
-        )
-    if unexpected:
-        key = unexpected[0]
-        raise KolorsError(
-            f"weight file {source.get(key, where)} has {len(unexpected)} tensor(s) the config does not know, e.g. "
-            f"'{key}'; the config and the weights are from different models"
-        )
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def _convert(key, tensor, expected, file, dtype, device, keep_dtype) -> torch.Tensor:
-    """Check the shape against the meta model and move the tensor to its dtype and device."""
-    if key not in expected:
-        return tensor
-    if tensor.shape != expected[key].shape:
-        raise KolorsError(
-            f"weight '{key}' in {file} has shape {tuple(tensor.shape)} but the config makes "
-            f"{tuple(expected[key].shape)}; the config and the weights are from different models"
-        )
-    if not tensor.is_floating_point():
-        return tensor.to(device=device)
-    return tensor.to(device=device, dtype=torch.float32 if keep_dtype(key) else dtype)
+    return Checkpoint(files, transform).load(model, dtype=dtype, device=device, keep_dtype=keep_dtype)
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Construct a module without allocating or initialising its weights: they come from the checkpoint."""
     with torch.device("meta"):
         return factory()
+
+
+def _index(file: Path) -> dict[str, TensorEntry]:
+    try:
+        return _safetensors_index(file) if file.suffix == ".safetensors" else _pickled_index(file)
+    except KolorsError:
+        raise
+    except (
+        Exception
+    ) as e:  # a short read, bad JSON, a broken zip: one message for a truncated or corrupt file
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KolorsError(
+            f"weight file {file} is truncated or corrupt ({detail}); delete it and download the model again"
+        ) from None
+
+
+def _safetensors_index(file: Path) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file from its header: 8 bytes of little-endian header length, the JSON
+    header (name -> dtype, shape, data_offsets relative to the end of the header), then the data."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        header = json.loads(f.read(length))
+    start = 8 + length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise KolorsError(
+                f"weight '{name}' in {file} has dtype {info['dtype']}, which kolors cannot read"
+            )
+        entry = TensorEntry(
+            file,
+            name,
+            SAFETENSORS_DTYPES[info["dtype"]],
+            tuple(info["shape"]),
+            start + info["data_offsets"][0],
+        )
+        end = start + info["data_offsets"][1]
+        if end > size or end - entry.offset != entry.nbytes:
+            raise ValueError(f"'{name}' needs bytes {entry.offset}..{end} but the file has {size}")
+        entries[name] = entry
+    return entries
+
+
+def _pickled_index(file: Path) -> dict[str, TensorEntry]:
+    return {name: TensorEntry(file, name, t.dtype, tuple(t.shape)) for name, t in _torch_load(file).items()}
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, memory-mapped (its tensors are read when touched) and with weights_only=True, so
+    unpickling runs no code from the file."""
+    state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    return {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
+
+
+def _read_safetensors(file: Path, items, convert) -> Iterator[tuple[str, torch.Tensor]]:
+    with open(file, "rb") as f:
+        for key, entry in items:
+            if entry.nbytes == 0:
+                yield key, convert(key, torch.empty(entry.shape, dtype=entry.dtype))
+                continue
+            # Map just this tensor's bytes (the offset must be a multiple of the allocation granularity).
+            start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+            pages = mmap.mmap(
+                f.fileno(), entry.offset + entry.nbytes - start, offset=start, access=mmap.ACCESS_COPY
+            )
+            raw = torch.frombuffer(pages, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start)
+            if entry.offset % entry.dtype.itemsize:  # safetensors does not promise aligned data
+                raw = raw.clone()
+            tensor = convert(key, raw.view(entry.dtype).view(entry.shape))
+            del raw  # the last view of the mapping: it can close
+            pages.close()
+            yield key, tensor
+
+
+def _read_pickled(file: Path, items, convert) -> Iterator[tuple[str, torch.Tensor]]:
+    state = _torch_load(file)  # the mapping closes when `state` goes, after this file's tensors
+    for key, entry in items:
+        yield key, convert(key, state[entry.name])
