@@ -1,19 +1,19 @@
 """Many images from a jobs file: deterministic names, batched UNet calls, resumable after a crash or a kill.
 
-A job is one request: a JSONL object, a CSV row or a line of text. Image i of a job is named `KEY-i.png`, KEY being
-the job's id made file-safe or, without an id, its line number (`000042`). Each image is written to a temporary
-file and renamed when complete (request.save_png), then recorded in DIR/manifest.jsonl, appended and fsynced per
-image. Running the same command again makes only what is missing:
+A job is one request: a JSONL object, a CSV row or a line of text. Image i of a job is named `KEY-i.png`, KEY
+being the job's id made file-safe or, without an id, its line number (`000042`). Each image is written to a
+temporary file and renamed when complete (request.save_png), then recorded in DIR/manifest.jsonl, appended and
+fsynced per image. Running the same command again makes only what is missing:
 
 - an image the manifest records and DIR holds is skipped;
 - a leftover temporary file (a kill during a write) is deleted: no PNG under a final name is ever partial;
 - a torn last manifest line (a kill during an append) is dropped, as are rows whose PNG was deleted (remade);
-- a PNG in DIR but not in the manifest (a kill between the rename and the append) is read back: if it decodes and
-  its `parameters` text is this job's request and seed, it is added to the manifest, else it is made again.
+- a PNG in DIR but not in the manifest (a kill between the rename and the append) is read back: if it decodes
+  and its `parameters` text is this job's request and seed, it is added to the manifest, else made again.
 
-Seeds: image i of a job has the job's seed + i, as with `kolors generate`, so an image is the same made alone or
-in a batch. A job without a seed gets one hashed from the base seed (--seed, default 0) and its KEY, so a rerun,
-or the same job moved to another line, makes the same image.
+Seeds: image i of a job has the job's seed + i, as with `kolors generate`, so an image is the same made alone
+or in a batch. A job without a seed gets one hashed from the base seed (--seed, default 0) and its KEY, so a
+rerun, or the same job moved to another line, makes the same image.
 """
 
 from __future__ import annotations
@@ -48,18 +48,7 @@ except ImportError:  # Windows: no advisory lock, one run per folder is then up 
 MANIFEST = "manifest.jsonl"
 LOCK = ".kolors-batch.lock"
 TEMP_FILES = ".*.png.tmp"  # what save_png writes before its rename
-JOB_FIELDS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance",
-    "sampler",
-    "width",
-    "height",
-    "num_images",
-)
+JOB_FIELDS = tuple("id prompt negative_prompt seed steps guidance sampler width height num_images".split())
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
@@ -71,7 +60,7 @@ DEFAULTS = {
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image to make: everything that decides its pixels and its file. A manifest row is this plus `model`."""
+    """One image to make: all that decides its pixels and its file. A manifest row is this plus `model`."""
 
     file: str
     id: str | None
@@ -142,7 +131,8 @@ class BatchSummary:
         return (self.seconds - self.load_seconds) / self.done if self.done else None
 
     def __str__(self) -> str:
-        s = f"{self.done} done, {self.skipped} skipped (already done), {self.failed} failed in {self.seconds:.1f} s"
+        s = f"{self.done} done, {self.skipped} skipped (already done), {self.failed} failed"
+        s += f" in {self.seconds:.1f} s"
         if self.done:
             s += f" ({self.seconds_per_image:.2f} s/image after {self.load_seconds:.1f} s loading)"
         return s
@@ -172,10 +162,11 @@ def run(
 ) -> BatchSummary:
     """Make every image the jobs ask for that `output_dir` does not hold yet; see the module docstring.
 
-    `jobs`: a .jsonl, .csv or text file, or a list of prompts and/or dicts with the JSONL fields. `defaults`: values
-    for the fields a job leaves out (negative_prompt, steps, guidance, sampler, width, height, num_images).
-    `seed`: the base of the seeds of jobs without one. `pipe`: an already loaded pipeline (else `model` is loaded,
-    only if something is left to make; `load_options` are more from_pretrained keywords). `ray`: True starts a local Ray instance, a string is a cluster address."""
+    `jobs`: a .jsonl, .csv or text file, or a list of prompts and/or dicts with the JSONL fields. `defaults`:
+    values for the fields a job leaves out (negative_prompt, steps, guidance, sampler, width, height,
+    num_images). `seed`: the base of the seeds of jobs without one. `pipe`: an already loaded pipeline, else
+    `model` is loaded (only if something is left to make), `load_options` being more from_pretrained keywords.
+    `ray`: True starts a local Ray instance (or joins RAY_ADDRESS's), a string is a cluster address."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise KolorsError(f"batch size must be a whole number of at least 1, not {batch_size!r}")
     if ray:
@@ -216,7 +207,11 @@ def run(
                     actors=ray_actors,
                     cpus_per_actor=ray_cpus_per_actor,
                     model_options=dict(
-                        model=str(model), dtype=str(dtype), device=str(device), variant=variant, **load
+                        model=str(model),
+                        dtype=str(dtype).removeprefix("torch."),
+                        device=str(device),
+                        variant=variant,
+                        **load,
                     ),
                 )
             elif pending:
@@ -268,7 +263,7 @@ def batches(specs: list[ImageSpec], batch_size: int) -> Iterator[list[ImageSpec]
 def make_images(
     pipe: KolorsPipeline, cache: PromptCache, chunk: list[ImageSpec], output_dir: Path
 ) -> Iterator[dict]:
-    """Generate `chunk` and write each PNG; yields each image's manifest row as soon as its file is in place."""
+    """Generate `chunk` and write each PNG; yields each image's manifest row once its file is in place."""
     for spec, image in zip(chunk, generate(pipe, cache, chunk), strict=True):
         save_png(image, output_dir / spec.file, spec.infotext(pipe.name))
         yield spec.row(pipe.name)
@@ -345,7 +340,8 @@ def parse_jobs(
             key = job[0].file.rsplit("-", 1)[0]
             if key.casefold() in keys:
                 raise KolorsError(
-                    f"its files ({key}-N.png) would be line {keys[key.casefold()]}'s; give each job its own id"
+                    f"its files ({key}-N.png) would be line {keys[key.casefold()]}'s; "
+                    "give each job its own id"
                 )
             keys[key.casefold()] = line
             specs.extend(job)
@@ -490,7 +486,7 @@ def derived_seed(base: int, key: str) -> int:
     return int.from_bytes(digest[:4], "big") >> 1
 
 
-# -------------------------------------------------------------------------------------------------- the folder
+# ----------------------------------------------------------------------------------------------- the folder
 
 
 class Manifest:
@@ -593,14 +589,14 @@ def _plan(specs: list[ImageSpec], output_dir: Path, manifest: Manifest) -> tuple
             skipped += 1
     if changed:
         _say(
-            f"kolors: {len(changed)} finished image(s), e.g. {changed[0]}, were made with other parameters than "
-            "their jobs now ask for; kept (delete them to make them again)"
+            f"kolors: {len(changed)} finished image(s), e.g. {changed[0]}, were made with other parameters "
+            "than their jobs now ask for; kept (delete them to make them again)"
         )
     return pending, skipped
 
 
 def _made_by(path: Path, spec: ImageSpec) -> str | None:
-    """The model name of a complete PNG at `path` made for `spec`, or None (absent, unreadable or another's)."""
+    """The model name of a complete PNG at `path` made for `spec`, or None (absent, unreadable, another's)."""
     if not path.is_file():
         return None
     try:

@@ -2,15 +2,16 @@
 
 The driver (kolors.batch.run) plans as on one machine; here the pending images become a Ray Dataset, and
 `map_batches` hands them to actors that each load the pipeline once: one actor per GPU, or per
-`cpus_per_actor` CPUs on a cluster without GPUs. An actor writes its PNGs into the output folder itself, which
-must therefore be a path every node sees (a shared filesystem), and returns their manifest rows; the driver appends
-them, so the manifest and resume rules are exactly those of a run on one machine. Every node needs kolors installed
-and the model reachable (a shared folder, or a hub id each node downloads).
+`cpus_per_actor` CPUs on a cluster without GPUs. An actor writes its PNGs into the output folder itself,
+which must therefore be a path every node sees (a shared filesystem), and returns their manifest rows; the
+driver appends them, so the manifest and resume rules are exactly those of a run on one machine. Every node
+needs kolors installed and the model reachable (a shared folder, or a hub id each node downloads).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -76,25 +77,27 @@ def run(
     """Make `specs` on Ray, calling `on_row` with each image's manifest row (or error) as it comes back.
     Connects to `address` (None: the running instance, RAY_ADDRESS, or a new local one)."""
     ray = require_ray()
+    if Path(model_options["model"]).is_dir():  # a typo is one line here, not a traceback from every actor
+        from kolors.weights import check_model_folder
+
+        check_model_folder(Path(model_options["model"]))
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
     try:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        # More actors than the cluster can place would wait forever: at most one per GPU, or per CPU share.
         if gpus:
             placement, threads = {"num_gpus": 1}, None
-            actors = actors or gpus
+            actors = min(actors or gpus, gpus)
         else:
-            cpus_per_actor = max(
-                1, min(cpus_per_actor, cpus)
-            )  # more than the cluster has would never schedule
+            cpus_per_actor = max(1, min(cpus_per_actor, cpus))
             placement, threads = {"num_cpus": cpus_per_actor}, cpus_per_actor
-            actors = actors or max(1, cpus // cpus_per_actor)
-        ray.data.DataContext.get_current().enable_progress_bars = (
-            False  # the driver shows its own, over images
-        )
-        # Pending images arrive grouped by settings (kolors.batch.batches' order), so most Ray batches share them.
+            actors = min(actors or cpus, max(1, cpus // cpus_per_actor))
+        # The driver shows its own progress bar, over images.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # Pending images arrive grouped by settings (batches' order), so most Ray batches share them.
         items = [{"spec": json.dumps(asdict(s), ensure_ascii=False)} for s in specs]
         # Blocks of about one batch each, so every actor gets work even when the job is small.
         blocks = max(1, min(len(items) // batch_size, 1000))
@@ -110,6 +113,12 @@ def run(
         )
         for item in ds.iter_rows():
             on_row(json.loads(item["row"]))
+    except ray.exceptions.RayError as e:
+        # An actor's KolorsError (a bad model, no GPU memory) reaches the driver wrapped in Ray's traceback.
+        cause = re.findall(r"KolorsError: (.+)", str(e))
+        if cause:
+            raise KolorsError(f"a Ray actor stopped: {cause[-1]}") from None
+        raise
     finally:
         if started:
             ray.shutdown()

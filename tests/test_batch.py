@@ -1,4 +1,4 @@
-"""`kolors batch` on the tiny model: job formats, names and seeds, bad lines, batching, kill-and-resume, Ray."""
+"""`kolors batch` on the tiny model: job formats, names, seeds, bad lines, batching, kill-and-resume, Ray."""
 
 from __future__ import annotations
 
@@ -318,9 +318,16 @@ def test_ray_missing_says_how_to_install(tmp_path, monkeypatch, capsys):
     assert main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert (
-        err
-        == 'kolors: error: --ray needs Ray Data, which is not installed; install it with: pip install "kolors[ray]"'
+        err == "kolors: error: --ray needs Ray Data, which is not installed; "
+        'install it with: pip install "kolors[ray]"'
     )
+
+
+def test_ray_checks_a_local_model_folder_before_starting(tmp_path):
+    ray = pytest.importorskip("ray")
+    with pytest.raises(KolorsError, match="is incomplete"):
+        run(["a cat"], tmp_path / "out", model=tmp_path, ray=True, progress=False)
+    assert not ray.is_initialized()
 
 
 def test_ray_path_matches_the_local_path(pipe, tiny_model_dir, tmp_path):
