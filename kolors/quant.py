@@ -28,7 +28,8 @@ from kolors.errors import KolorsError
 QUANT_CHOICES = ("int8", "int4")
 # The text encoder's big matrices, by attribute name: attention qkv and output, SwiGLU in and out.
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-INT4_GROUP_SIZES = (128, 64, 32)  # the largest that divides the layer's inputs (ChatGLM3: 128)
+INT4_GROUP_SIZES = (128, 64, 32)
+ROWS_PER_BLOCK = 1024  # quantize this many output channels at a time (a multiple of the CPU int4 kernel's 16)  # the largest that divides the layer's inputs (ChatGLM3: 128)
 
 
 def parse_quant(quant: str | None) -> str | None:
@@ -71,10 +72,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach()
-        # Round the scale to the model dtype first, so q is the best integer for the scale actually used.
-        scale = (w.float().abs().amax(dim=1) / 127).clamp(min=torch.finfo(w.dtype).tiny).to(w.dtype)
-        q = (w.float() / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        q, scale = _by_rows(_quantize_int8, linear.weight.detach())
         return cls(q, scale, _detached(linear.bias))
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
@@ -123,18 +121,8 @@ class Int4Linear(nn.Module):
         G = next((g for g in INT4_GROUP_SIZES if K % g == 0), None)
         if G is None or K % 2:
             raise ValueError(f"int4 needs in_features divisible by 32, not {K}")
-        groups = w.float().view(N, K // G, G)
-        low, high = groups.amin(-1), groups.amax(-1)
-        # Store scale and zero in the model dtype first, then pick each q for the values actually stored.
-        scale = ((high - low) / 15).clamp(min=torch.finfo(w.dtype).tiny).to(w.dtype)
-        zero = (low + 8 * scale.float()).to(w.dtype)  # the value of q = 8
-        q = ((groups - zero.float()[..., None]) / scale.float()[..., None]).round() + 8
-        q = q.clamp(0, 15).view(N, K).to(torch.uint8)
         cpu_packed = (w.device.type == "cpu" if cpu_kernel is None else cpu_kernel) and N % 16 == 0
-        if cpu_packed:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        else:
-            packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        packed, scale, zero = _by_rows(lambda rows: _quantize_int4(rows, G, cpu_packed), w)
         scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
         return cls(
             packed,
@@ -173,6 +161,37 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.weight.shape[0]}, int4, "
             f"group_size={self.group_size}, bias={self.bias is not None}, cpu_packed={self.cpu_packed}"
         )
+
+
+def _quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of a weight -> int8 values and one scale per row (in the weight's dtype)."""
+    # Round the scale to the model dtype first, so q is the best integer for the scale actually used.
+    scale = (w.abs().amax(dim=1).float() / 127).clamp_(min=torch.finfo(w.dtype).tiny).to(w.dtype)
+    q = (w.float() / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _quantize_int4(w: Tensor, group_size: int, cpu_packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of a weight -> packed 4-bit values, and a scale and zero per group (in the weight's dtype)."""
+    N, K = w.shape
+    groups = w.float().view(N, K // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    # Store scale and zero in the model dtype first, then pick each q for the values actually stored.
+    scale = ((high - low) / 15).clamp_(min=torch.finfo(w.dtype).tiny).to(w.dtype)
+    zero = (low + 8 * scale.float()).to(w.dtype)  # the value of q = 8
+    q = (groups - zero.float()[..., None]).div_(scale.float()[..., None]).round_().add_(8)
+    q = q.clamp_(0, 15).view(N, K).to(torch.uint8)
+    if cpu_packed:
+        return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), scale, zero
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, zero
+
+
+def _by_rows(quantize, w: Tensor) -> list[Tensor]:
+    """`quantize` over blocks of rows of `w`, each of its outputs concatenated: the same result with small
+    float32 temporaries (a whole MLP weight in float32 is 450 MB, and quantizing it whole is several times
+    slower)."""
+    parts = [quantize(rows) for rows in w.split(ROWS_PER_BLOCK)]
+    return [torch.cat(outputs) for outputs in zip(*parts, strict=True)]
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

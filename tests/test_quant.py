@@ -48,7 +48,9 @@ def inputs(reference_pipeline):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear(dtype):
     linear = random_linear(48, 64, dtype)
+    original = linear.weight.clone()
     q = Int8Linear.from_linear(linear)
+    assert torch.equal(linear.weight, original)  # a float32 weight is not quantized in place
     assert q.weight.dtype == torch.int8 and q.weight.shape == (48, 64)
     assert q.scale.dtype == dtype and q.scale.shape == (48,)
     # Round to nearest: each weight within half a step of its channel's scale.
@@ -66,7 +68,9 @@ def test_int8_linear(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_linear_cpu_kernel_matches_plain_layout(dtype):
     linear = random_linear(48, 96, dtype)  # 96 inputs: groups of 32
+    original = linear.weight.clone()
     packed, plain = Int4Linear.from_linear(linear), Int4Linear.from_linear(linear, cpu_kernel=False)
+    assert torch.equal(linear.weight, original)
     assert packed.cpu_packed and not plain.cpu_packed and packed.group_size == plain.group_size == 32
     assert packed.weight.dtype == plain.weight.dtype == torch.uint8 and plain.weight.shape == (48, 48)
     assert packed.scales_and_zeros.shape == (3, 48, 2) and packed.scales_and_zeros.dtype == dtype
