@@ -28,8 +28,8 @@ from kolors.errors import KolorsError
 QUANT_CHOICES = ("int8", "int4")
 # The text encoder's big matrices, by attribute name: attention qkv and output, SwiGLU in and out.
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-INT4_GROUP_SIZES = (128, 64, 32)
-ROWS_PER_BLOCK = 1024  # quantize this many output channels at a time (a multiple of the CPU int4 kernel's 16)  # the largest that divides the layer's inputs (ChatGLM3: 128)
+INT4_GROUP_SIZES = (128, 64, 32)  # the largest that divides the layer's inputs (ChatGLM3: 128)
+ROWS_PER_BLOCK = 1024  # output channels quantized at a time (a multiple of the CPU int4 kernel's 16)
 
 
 def parse_quant(quant: str | None) -> str | None:
