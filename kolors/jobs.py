@@ -127,14 +127,25 @@ class JobQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
+        self._generation = 0
         self._seconds_per_job = 10.0  # running mean, for Retry-After
         self.submitted = self.rejected = self.finished = 0
 
     def start(self) -> None:
-        for i, pipe in enumerate(self.pipes):
-            thread = threading.Thread(target=self._work, args=(pipe,), name=f"kolors-worker-{i}", daemon=True)
+        """Start one worker per pipeline; again after close() (an app's lifespan may run more than once)."""
+        with self._cond:
+            if self._threads and not self._closed:
+                return
+            self._closed = False
+            self._generation += 1  # a worker of an earlier start still finishing its job then ends
+            self._threads = [
+                threading.Thread(
+                    target=self._work, args=(pipe, self._generation), name=f"kolors-worker-{i}", daemon=True
+                )
+                for i, pipe in enumerate(self.pipes)
+            ]
+        for thread in self._threads:
             thread.start()
-            self._threads.append(thread)
 
     @property
     def alive(self) -> bool:
@@ -199,12 +210,12 @@ class JobQueue:
 
     # ------------------------------------------------------------------------------------------------ worker
 
-    def _work(self, pipe) -> None:
+    def _work(self, pipe, generation: int) -> None:
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed or generation != self._generation:
                     return
                 job = self._waiting.popleft()
                 job.state, job.started = JobState.RUNNING, time.monotonic()

@@ -259,11 +259,13 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     queue = JobQueue(pipes, maxsize=config.queue_size)
     files = FileStore(config.url_ttl, int(config.url_store_mb * 2**20))
     version = _version()
-    # Started here, not at startup: a test client that skips the lifespan still gets working workers.
+    # Started here and again at each startup: a client that skips the lifespan still gets working workers, and
+    # one that runs it twice (a test harness) gets them back after the first shutdown.
     queue.start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        queue.start()
         yield
         await run_in_threadpool(queue.close)
 
@@ -291,6 +293,8 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
             raise HTTPException(
                 429, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)}
             ) from None
+        except KolorsError as e:  # the queue is closed: the server is stopping
+            raise HTTPException(503, str(e)) from None
         await wait_for(job, request)
         if job.state is JobState.DONE or (job.state is JobState.CANCELLED and job.results):
             return job.results

@@ -465,3 +465,39 @@ def test_url_images_expire(monkeypatch):
     assert store.get(first) is None
     a, b, c = store.put(b"a" * 10), store.put(b"b" * 10), store.put(b"c" * 10)
     assert store.get(a) is None and store.get(b) and store.get(c)  # past max_bytes, the oldest go first
+
+
+def test_out_of_memory_answers_503_and_a_stopped_server_503(pipe):
+    class OutOfMemory:
+        def __init__(self, pipe):
+            self._pipe, self.calls = pipe, 0
+
+        def __getattr__(self, name):
+            return getattr(self._pipe, name)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return self._pipe(*args, **kwargs)
+
+    app = create_app(OutOfMemory(pipe), ServerConfig(**LIMITS))
+    client = TestClient(app)
+    body = {"prompt": "x", "steps": 1, "width": 32, "height": 32}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 503 and "out of memory" in r.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # the worker goes on
+    app.state.queue.close()
+    assert client.get("/ready").status_code == 503
+    r = client.post("/v1/images/generations", json={"prompt": "x", "steps": 1, "size": "32x32"})
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+
+
+def test_the_app_serves_again_after_its_lifespan_restarts(pipe):
+    """A harness may start and stop the app's lifespan more than once (schemathesis does, per test)."""
+    app = create_app(pipe, ServerConfig(**LIMITS))
+    for _ in range(2):
+        with TestClient(app) as client:
+            r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 32, "height": 32})
+            assert r.status_code == 200 and client.get("/ready").json()["ready"] is True
+        assert not app.state.queue.alive
