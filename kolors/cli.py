@@ -29,6 +29,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         choices=["int8", "int4"],
         help="weight-only quantized text encoder: less memory, slightly different images (experimental)",
     )
+    p.add_argument(
+        "--low-memory",
+        dest="memory",
+        action="store_const",
+        const="low",
+        default="normal",
+        help="keep only the running model in memory: the text encoder streamed a layer at a time, on a GPU the "
+        "rest parked in host memory between stages (same images, slower per prompt)",
+    )
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -136,7 +145,8 @@ def add_batch_parser(sub) -> None:
     bat.set_defaults(seed=0)
 
 
-LOAD_OPTIONS = ("text_encoder_quant",)  # from_pretrained keywords beyond model, dtype, device and variant
+# from_pretrained keywords beyond model, dtype, device and variant
+LOAD_OPTIONS = ("text_encoder_quant", "memory")
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -230,6 +240,7 @@ def generate(args: argparse.Namespace) -> int:
         device=args.device,
         variant=args.variant,
         text_encoder_quant=args.text_encoder_quant,
+        memory=args.memory,
     )
     pipe.set_progress_bar_config(disable=args.quiet)
     for (img, img_seed), path in zip(request.run(pipe), paths, strict=True):

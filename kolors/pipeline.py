@@ -8,6 +8,7 @@ float32 between steps (diffusers carries them in the model dtype).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from kolors import samplers
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
+from kolors.memory import PromptCache, on_device, parse_memory, prompt_cache_size, stream_weights
 from kolors.noise import randn
 from kolors.quant import parse_quant, quantize_text_encoder
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
@@ -31,6 +33,7 @@ from kolors.unet import UNet2DConditionModel, UNetConfig
 from kolors.vae import AutoencoderKL, VAEConfig, sample_latent
 from kolors.weights import (
     DEFAULT_REPO,
+    Checkpoint,
     build_on_meta,
     check_model_folder,
     load_weights,
@@ -129,10 +132,18 @@ class KolorsPipeline:
         device: torch.device,
         dtype: torch.dtype,
         name: str = "Kolors",
+        memory: str = "normal",
+        prompt_cache: int | None = None,
     ):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config = scheduler_config
         self.device, self.dtype, self.name = device, dtype, name
+        self.memory = parse_memory(memory)
+        self.prompt_cache = PromptCache(prompt_cache_size(self.memory, prompt_cache))
+        # Low memory on a GPU: the models loaded into host memory visit the device for their stage only (a
+        # streamed text encoder, its weights on the meta device, brings its layers itself: kolors.memory).
+        parking = self.memory == "low" and device.type != "cpu"
+        self._parked = [m for m in (text_encoder, unet, vae) if parking and _device_of(m).type == "cpu"]
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.progress_bar = True
 
@@ -151,10 +162,14 @@ class KolorsPipeline:
         local_files_only: bool | None = None,
         torch_dtype: torch.dtype | None = None,
         text_encoder_quant: str | None = None,
+        memory: str = "normal",
+        prompt_cache: int | None = None,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
         `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.quant), experimental."""
         text_encoder_quant = parse_quant(text_encoder_quant)
+        memory = parse_memory(memory)
+        prompt_cache_size(memory, prompt_cache)  # a bad size fails before the load
         device = parse_device(device)
         dtype = parse_dtype(torch_dtype if torch_dtype is not None else dtype, device)
         root = resolve_model(
@@ -169,26 +184,37 @@ class KolorsPipeline:
         # The SDXL VAE overflows in fp16: like diffusers' force_upcast, it runs in fp32 when the model is fp16.
         vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.force_upcast else dtype
 
+        # memory="low": the text encoder is streamed a layer at a time (unless quantized, which needs it whole),
+        # and on a GPU the UNet and VAE load into host memory, visiting the device for their stage.
+        low = memory == "low"
         text_encoder = build_on_meta(lambda: ChatGLMModel(te_config))
-        load_weights(
-            text_encoder,
-            weight_files(root / "text_encoder", variant),
-            dtype=dtype,
-            device=device,
-            transform=checkpoint_keys_transform,
-        )
+        te_checkpoint = Checkpoint(weight_files(root / "text_encoder", variant), checkpoint_keys_transform)
+        if low and text_encoder_quant is None:
+            stream_weights(text_encoder, te_checkpoint, dtype=dtype, device=device)
+        else:
+            te_checkpoint.load(text_encoder, dtype=dtype, device=device)
         quantize_text_encoder(text_encoder, text_encoder_quant)
+        host = torch.device("cpu") if low else device
         unet = build_on_meta(lambda: UNet2DConditionModel(unet_config))
-        load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=device)
+        load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=host)
         vae = build_on_meta(lambda: AutoencoderKL(vae_config))
-        load_weights(vae, weight_files(root / "vae", variant), dtype=vae_dtype, device=device)
+        load_weights(vae, weight_files(root / "vae", variant), dtype=vae_dtype, device=host)
         for module in (text_encoder, unet, vae):
             module.eval().requires_grad_(False)
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)
         return cls(
-            tokenizer, text_encoder, unet, vae, scheduler_config, device=device, dtype=dtype, name=name
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            device=device,
+            dtype=dtype,
+            name=name,
+            memory=memory,
+            prompt_cache=prompt_cache,
         )
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
@@ -205,24 +231,39 @@ class KolorsPipeline:
         max_length: int = 256,
     ) -> PromptEmbeds:
         """ChatGLM3 embeddings of the prompts and their negatives (an empty negative is encoded, not zeroed,
-        as the model's force_zeros_for_empty_prompt=false says). negative_prompt=None skips the negatives."""
+        as the model's force_zeros_for_empty_prompt=false says). negative_prompt=None skips the negatives.
+        Results are kept in `prompt_cache` (least recently used): treat them as read-only."""
         prompts = _as_prompt_list(prompt, "prompt")
         negatives = (
             None
             if negative_prompt is None
             else _as_prompt_list(negative_prompt, "negative_prompt", len(prompts))
         )
+        negs = None if negatives is None else tuple(negatives)
+        key = (tuple(prompts), negs, max_length, self.name, self.dtype)
+        cached = self.prompt_cache.get(key)
+        if cached is not None:
+            return cached
         rows = prompts + (negatives or [])
         tokens = self.tokenizer(rows, max_length=max_length)
-        embeds, pooled = self.text_encoder(
-            tokens.input_ids.to(self.device),
-            tokens.attention_mask.to(self.device),
-            tokens.position_ids.to(self.device),
-        )
+        with self._stage(self.text_encoder):
+            embeds, pooled = self.text_encoder(
+                tokens.input_ids.to(self.device),
+                tokens.attention_mask.to(self.device),
+                tokens.position_ids.to(self.device),
+            )
         n = len(prompts)
         if negatives is None:
-            return PromptEmbeds(embeds, pooled)
-        return PromptEmbeds(embeds[:n], pooled[:n], embeds[n:], pooled[n:])
+            result = PromptEmbeds(embeds, pooled)
+        else:
+            result = PromptEmbeds(embeds[:n], pooled[:n], embeds[n:], pooled[n:])
+        self.prompt_cache.put(key, result)
+        return result
+
+    def _stage(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Where `module` runs for one stage: on the device as it is, or moved there from host memory and
+        parked again after (memory="low" on a GPU)."""
+        return on_device(module, self.device) if module in self._parked else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------------ generation
 
@@ -293,16 +334,14 @@ class KolorsPipeline:
             noise = randn(latent_shape, generator, self.device, self.dtype)
             x = noise.float() * schedule.init_noise_sigma
         else:
-            x0 = self._encode_image(init, batch, generator)
+            with self._stage(self.vae):
+                x0 = self._encode_image(init, batch, generator)
             if len(timesteps) == 0:  # strength too small for any step: the image itself, re-encoded
                 x = x0.float()
             else:
                 noise = randn(x0.shape, generator, self.device, self.dtype)
                 x = samplers.add_noise(x0.float(), noise.float(), sigmas[0])
 
-        denoise = self._denoiser(
-            prompt_embeds, num_images_per_prompt, guidance_scale, sigmas, timesteps, size_ids
-        )
         steps = len(timesteps)
         bar = tqdm(total=steps, disable=not self.progress_bar or steps == 0, desc="kolors", leave=False)
 
@@ -312,11 +351,17 @@ class KolorsPipeline:
                 callback(i, steps, latents)
 
         try:
-            if steps:
-                x = samplers.sample(sampler, denoise, x, list(sigmas), callback=on_step)
+            with self._stage(self.unet):
+                denoise = self._denoiser(
+                    prompt_embeds, num_images_per_prompt, guidance_scale, sigmas, timesteps, size_ids
+                )
+                if steps:
+                    x = samplers.sample(sampler, denoise, x, list(sigmas), callback=on_step)
         finally:
             bar.close()
-        return KolorsPipelineOutput(images=self._decode(x, output_type), seeds=seeds)
+        with self._stage(self.vae):
+            images = self._decode(x, output_type)
+        return KolorsPipelineOutput(images=images, seeds=seeds)
 
     def _denoiser(
         self, embeds: PromptEmbeds, n: int, guidance_scale: float, sigmas, timesteps, size: tuple[int, int]
@@ -506,3 +551,7 @@ def _model_name(root: Path, model) -> str:
     if index.is_file():
         read_json(index)  # a corrupt model_index.json is worth an early, clear error
     return name or root.name
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
