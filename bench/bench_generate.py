@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from bench.common import (  # noqa: E402
     Result,
     add_common_args,
     alternate,
+    available_memory,
     format_bytes,
     memory_kind,
     report,
@@ -66,13 +68,6 @@ def weights_bytes(model: Path, dtype: torch.dtype) -> int:
     return total
 
 
-def available_memory() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------- sides
 
 
@@ -80,8 +75,17 @@ def load_side(side: str, model: Path, dtype: torch.dtype, device: torch.device, 
     """The pipeline of one side and a callable that generates one image (a float array, pixels in [0, 1])."""
     variant = variant_of(model)
     if side == "diffusers":
+        import diffusers
+        import transformers
         from diffusers import DPMSolverMultistepScheduler
         from diffusers import KolorsPipeline as DiffusersKolorsPipeline
+
+        for library in (diffusers, transformers):  # loading bars and deprecation notes would bury the report
+            library.utils.logging.set_verbosity_error()
+            library.utils.logging.disable_progress_bar()
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning
+        )  # torch_dtype: older diffusers know no other
 
         pipe = DiffusersKolorsPipeline.from_pretrained(model, variant=variant, torch_dtype=dtype).to(device)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(

@@ -47,11 +47,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> str:
+    """torch's vector ISA and whether bf16 (and AMX) matmuls run natively: bf16 numbers depend on it."""
+    features = [torch.backends.cpu.get_cpu_capability()]
+    for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            features.append(name)
+    return ", ".join(features)
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict[str, str]:
     """The facts a reader needs to compare numbers across machines."""
     info = {
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "cpu features": torch.backends.cpu.get_cpu_capability(),
+        "cpu features": cpu_features(),
         "memory": f"{_meminfo_total() / GiB:.1f} GiB",
         # Other work on the machine slows both sides alike (they alternate) but widens the spread of runs.
         "load average": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
@@ -65,22 +74,30 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, str]:
     except ImportError:
         pass
     if torch.cuda.is_available():
-        index = torch.device(device).index or 0 if torch.device(device).type == "cuda" else 0
-        props = torch.cuda.get_device_properties(index)
+        props = torch.cuda.get_device_properties(torch.device(device).index or 0)
         info["gpu"] = f"{props.name}, {props.total_memory / GiB:.0f} GiB, CUDA {torch.version.cuda}"
     else:
         info["gpu"] = "none"
     return info
 
 
-def _meminfo_total() -> int:
+def _meminfo(field_name: str) -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _meminfo_total() -> int:
+    return _meminfo("MemTotal")
+
+
+def available_memory() -> int:
+    """Bytes the kernel can give without swapping (MemAvailable), 0 where unknown."""
+    return _meminfo("MemAvailable")
 
 
 # ---------------------------------------------------------------------------------------------------- memory
