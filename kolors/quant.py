@@ -2,7 +2,7 @@
 
 Only the big matrices of each layer are quantized (attention query_key_value and dense, the MLP's two
 projections: 95% of the encoder's weights at full size); the embedding, norms and biases keep the model dtype.
-Activations stay in the model dtype, so this changes what is stored, not how the model computes.
+Activations stay in the model dtype: only the stored weights are rounded.
 
 - int8: one scale per output channel, w = q * scale with q in [-127, 127].
 - int4: asymmetric groups of up to 128 inputs, w = (q - 8) * scale + zero with q in [0, 15], two per byte.
@@ -37,7 +37,7 @@ def parse_quant(quant: str | None) -> str | None:
     if quant is None or quant in QUANT_CHOICES:
         return quant
     raise KolorsError(
-        f"unknown text encoder quantization {quant!r}; choose one of: {', '.join(QUANT_CHOICES)} (or none)"
+        f"unknown text encoder quantization {quant!r}; choose one of: {', '.join(QUANT_CHOICES)} (None: no quantization)"
     )
 
 
