@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +215,9 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
+# Smaller tensors convert on one thread: a parallel copy wakes every worker, nothing on an idle machine but
+# milliseconds each on a busy one, which made the UNet's 1,700 small tensors load 5x slower than on one thread.
+PARALLEL_BYTES = 16 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,10 @@ class Checkpoint:
                 (torch.float32 if keep_dtype(key) else dtype) if tensor.is_floating_point() else tensor.dtype
             )
             # copy=True: a new tensor even when nothing changes, never a view of the file's mapping.
-            return tensor.to(device=device, dtype=target, copy=True)
+            if tensor.nbytes >= PARALLEL_BYTES:
+                return tensor.to(device=device, dtype=target, copy=True)
+            with _one_thread():
+                return tensor.to(device=device, dtype=target, copy=True)
 
         for file, items in by_file.items():
             items.sort(key=lambda item: item[1].offset)
@@ -330,10 +337,44 @@ def load_weights(
     return Checkpoint(files, transform).load(model, dtype=dtype, device=device, keep_dtype=keep_dtype)
 
 
+# What module constructors call to initialise their weights: pointless for weights that come from a checkpoint.
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_")
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """Construct a module without allocating or initialising its weights: they come from the checkpoint."""
-    with torch.device("meta"):
+    """Construct a module with its parameters on the meta device and nothing initialised: the checkpoint gives
+    the weights. Each parameter moves to meta as it is registered (its CPU storage, never written, is never
+    resident); buffers stay on the CPU (small, and read from the checkpoint too). Not `with torch.device("meta")`:
+    the first meta op without a C++ kernel (arange, normal_) imports torch's Python references, 3 s of a load."""
+    register, initialisers = (
+        nn.Module.register_parameter,
+        {name: getattr(nn.init, name) for name in INITIALISERS},
+    )
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    try:
+        nn.Module.register_parameter = register_on_meta
+        for name in INITIALISERS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
         return factory()
+    finally:
+        nn.Module.register_parameter = register
+        for name, function in initialisers.items():
+            setattr(nn.init, name, function)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _index(file: Path) -> dict[str, TensorEntry]:
