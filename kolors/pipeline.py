@@ -26,7 +26,7 @@ from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
 from kolors.memory import PromptCache, on_device, parse_memory, prompt_cache_size, stream_weights
 from kolors.noise import randn
-from kolors.quant import parse_quant, quantize_text_encoder
+from kolors.quant import load_quantized, parse_quant
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.tokenizer import ChatGLMTokenizer
 from kolors.unet import UNet2DConditionModel, UNetConfig
@@ -184,16 +184,17 @@ class KolorsPipeline:
         # The SDXL VAE overflows in fp16: like diffusers' force_upcast, it runs in fp32 when the model is fp16.
         vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.force_upcast else dtype
 
-        # memory="low": the text encoder is streamed a layer at a time (unless quantized, which needs it whole),
+        # memory="low": the text encoder is streamed a layer at a time (unless quantized: that one stays, small),
         # and on a GPU the UNet and VAE load into host memory, visiting the device for their stage.
         low = memory == "low"
         text_encoder = build_on_meta(lambda: ChatGLMModel(te_config))
         te_checkpoint = Checkpoint(weight_files(root / "text_encoder", variant), checkpoint_keys_transform)
-        if low and text_encoder_quant is None:
+        if text_encoder_quant is not None:  # quantized matrix by matrix as it loads
+            load_quantized(text_encoder, te_checkpoint, text_encoder_quant, dtype=dtype, device=device)
+        elif low:
             stream_weights(text_encoder, te_checkpoint, dtype=dtype, device=device)
         else:
             te_checkpoint.load(text_encoder, dtype=dtype, device=device)
-        quantize_text_encoder(text_encoder, text_encoder_quant)
         host = torch.device("cpu") if low else device
         unet = build_on_meta(lambda: UNet2DConditionModel(unet_config))
         load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=host)

@@ -48,10 +48,39 @@ def quantize_text_encoder(model: nn.Module, quant: str | None) -> nn.Module:
     if quant is None:
         return model
     make = Int8Linear.from_linear if quant == "int8" else Int4Linear.from_linear
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in QUANTIZED_LINEARS and isinstance(child, nn.Linear):
-                setattr(module, name, make(child))
+    for name, module in list(model.named_modules()):
+        if _is_quantized(name, module):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, make(module))
+    return model
+
+
+def load_quantized(
+    model: nn.Module, checkpoint, quant: str, *, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
+    """Load `model` (built on the meta device) from a kolors.weights.Checkpoint, quantizing each big Linear as
+    soon as its tensors are read: the full-precision encoder never exists whole (12 GB for ChatGLM3 in fp16,
+    more than the GPUs int8 is for), only the quantized one and the matrix at hand."""
+    make = Int8Linear.from_linear if parse_quant(quant) == "int8" else Int4Linear.from_linear
+    checkpoint.check(model)
+    pending = {
+        name: {f"{name}.{key}" for key, _ in module.named_parameters()}
+        for name, module in model.named_modules()
+        if _is_quantized(name, module)
+    }
+    for key, tensor in checkpoint.read(model.state_dict(), dtype=dtype, device=device):
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[attr] = tensor
+        if owner_name in pending:
+            pending[owner_name].discard(key)
+            if not pending[owner_name]:  # weight and bias both read
+                parent_name, _, name = owner_name.rpartition(".")
+                setattr(model.get_submodule(parent_name), name, make(owner))
+                del pending[owner_name]
     return model
 
 
@@ -161,6 +190,10 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.weight.shape[0]}, int4, "
             f"group_size={self.group_size}, bias={self.bias is not None}, cpu_packed={self.cpu_packed}"
         )
+
+
+def _is_quantized(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and name.rpartition(".")[2] in QUANTIZED_LINEARS
 
 
 def _quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,16 @@ from torch import nn
 from kolors import KolorsPipeline
 from kolors.cli import main
 from kolors.errors import KolorsError
-from kolors.quant import Int4Linear, Int8Linear, nbytes, parse_quant, quantize_text_encoder
+from kolors.quant import (
+    Int4Linear,
+    Int8Linear,
+    load_quantized,
+    nbytes,
+    parse_quant,
+    quantize_text_encoder,
+)
+from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+from kolors.weights import Checkpoint, weight_files
 from tests.test_text_encoder import PROMPTS, encode, ours_from, tokenize
 
 LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -136,6 +145,22 @@ def test_quantized_encoder(ours, inputs, quant, layer, storage, min_cosine):
         < (embeds - exact_embeds).abs().max()
         <= (0.05 if quant == "int8" else 0.5) * exact_embeds.abs().max()
     )
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_load_quantized_equals_load_then_quantize(tiny_model_dir_fp16, quant):
+    """Quantizing while loading (the fp16 variant: a sharded checkpoint) gives the same tensors as loading
+    everything first, and leaves nothing on the meta device."""
+    folder = tiny_model_dir_fp16 / "text_encoder"
+    checkpoint = Checkpoint(weight_files(folder, "fp16"), checkpoint_keys_transform)
+    with torch.device("meta"):
+        whole, streamed = (ChatGLMModel(TextEncoderConfig.from_json(folder)) for _ in range(2))
+    quantize_text_encoder(checkpoint.load(whole, dtype=torch.bfloat16, device="cpu"), quant)
+    load_quantized(streamed, checkpoint, quant, dtype=torch.bfloat16, device="cpu")
+    want, got = whole.state_dict(), streamed.state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].device.type == "cpu" and torch.equal(got[k], want[k]) for k in want)
+    assert repr(streamed) == repr(whole)
 
 
 def test_quantize_none_is_a_no_op(ours):
