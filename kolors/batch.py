@@ -328,6 +328,11 @@ def parse_jobs(
     jobs: str | os.PathLike | Iterable[str | Mapping], *, defaults: Mapping | None = None, seed: int = 0
 ) -> tuple[list[ImageSpec], list[BadLine]]:
     """The images a jobs file (or list) asks for, and the lines that could not be read, by line number."""
+    unknown = sorted(set(defaults or {}) - set(DEFAULTS))
+    if unknown:
+        raise KolorsError(
+            f"unknown default(s) {', '.join(map(repr, unknown))}; they are {', '.join(DEFAULTS)}"
+        )
     defaults = {**DEFAULTS, **(defaults or {})}
     specs: list[ImageSpec] = []
     bad: list[BadLine] = []
@@ -376,6 +381,8 @@ def _records(jobs) -> Iterator[tuple[int, dict | None, str | None]]:
     if path.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
         yield from ((n, {"prompt": s}, None) for n, s in lines)
         return
+    if lines and lines[0][1].startswith("["):
+        raise KolorsError(f"{path} holds a JSON array; write one JSON object per line, as a .jsonl file")
     for n, s in lines:
         try:
             record = json.loads(s)
@@ -436,10 +443,10 @@ def _job_specs(line: int, record: dict, defaults: Mapping, base_seed: int) -> li
         raise KolorsError(
             f"seed must be between 0 and {MAX_SEED - n + 1} for {n} image(s), not {request.seed}"
         )
-    common = request.as_dict()
-    for k in ("seed", "num_images", "strength"):
-        common.pop(k)
-    common["guidance"] = float(common["guidance"])
+    common = {
+        k: getattr(request, k) for k in ("prompt", "negative_prompt", "steps", "sampler", "width", "height")
+    }
+    common["guidance"] = float(request.guidance)
     return [
         ImageSpec(file=f"{key}-{i}.png", id=job_id, line=line, index=i, seed=request.seed + i, **common)
         for i in range(n)

@@ -151,11 +151,21 @@ def test_csv_jobs(pipe, tmp_path, capsys):
     assert (rows["000004-0.png"]["seed"], rows["000004-0.png"]["steps"]) == (11, 2)
 
 
-def test_csv_without_prompt_column_is_one_error(tmp_path):
-    jobs = tmp_path / "jobs.csv"
-    jobs.write_text("text,seed\na cat,1\n")
+def test_whole_file_problems_are_one_error(tmp_path):
+    csv_file = tmp_path / "jobs.csv"
+    csv_file.write_text("text,seed\na cat,1\n")
     with pytest.raises(KolorsError, match="no 'prompt' column"):
-        parse_jobs(jobs)
+        parse_jobs(csv_file)
+    array = tmp_path / "jobs.json"
+    array.write_text('[{"prompt": "a cat"}]\n')
+    with pytest.raises(KolorsError, match="JSON array; write one JSON object per line"):
+        parse_jobs(array)
+    latin1 = tmp_path / "p.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(KolorsError, match="not UTF-8"):
+        parse_jobs(latin1)
+    with pytest.raises(KolorsError, match="unknown default"):
+        parse_jobs(["a cat"], defaults={"step": 4})
 
 
 # -------------------------------------------------------------------------------------------------- batching
