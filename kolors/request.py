@@ -98,11 +98,18 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_bytes_info(infotext))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
