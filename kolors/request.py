@@ -98,7 +98,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_bytes_info(infotext))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; an image is an ordinary file
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,10 +106,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path
     return path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it, racy under threads
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
