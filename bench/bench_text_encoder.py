@@ -13,6 +13,7 @@ prompt_embeds and pooled. On random weights that deviation is only indicative.
     python bench/bench_text_encoder.py --layers 4              # mid-size: real layer shapes, 4 of 28 layers
     python bench/bench_text_encoder.py                         # full ChatGLM3-6B (needs ~14 GB of free RAM)
     python bench/bench_text_encoder.py --layers 2 --quant int8
+    python bench/bench_text_encoder.py --quant int8 --load /tmp/kolors-mid   # a fake_weights.py folder
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bench.common import REFERENCE, SEED_PROMPT, alternate, format_bytes, report
 
 GOAL = 8.0  # issue 3: encode_prompt at least 8x faster than diffusers' at full size, bf16, CPU
 INT8_GOAL_BYTES = 6.6e9  # issue 3: int8 ChatGLM3 at most 6.6 GB
+LOAD_MODES = ("plain", "load-then-quantize", "quantize-while-loading")
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,6 +43,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="override num_layers (mid-size runs)")
     p.add_argument("--tokenizer", type=Path, default=REFERENCE / "tokenizer")
     p.add_argument("--quant", choices=["int8", "int4"], default=None, help="kolors quantized vs kolors")
+    p.add_argument(
+        "--load",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --quant: peak RSS of loading DIR/text_encoder (e.g. from fake_weights.py) plain, loaded then "
+        "quantized, and quantized while loading, each in a fresh process",
+    )
+    p.add_argument("--load-one", choices=LOAD_MODES, default=None, help=argparse.SUPPRESS)  # the worker
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--warmup", type=int, default=1)
@@ -111,6 +122,10 @@ def main() -> None:
         f"2 prompts x 256 tokens (seed prompt {int(tokens.attention_mask[0].sum())} tokens + empty negative), "
         f"{config['num_layers']} layers, hidden {config['hidden_size']}"
     )
+    if args.load_one:
+        return load_one(args, dtype)
+    if args.load:
+        return compare_loads(args)
     if args.quant:
         return compare_quantized(args, config, full_config, dtype, tokenizer, shapes)
 
@@ -222,6 +237,48 @@ def compare_quantized(args, config, full_config, dtype, tokenizer, shapes) -> No
             f"             : {deviation[1]} (random weights: indicative only)",
         ],
     )
+
+
+def load_one(args, dtype: torch.dtype) -> None:
+    """Worker: load the text encoder once the --load-one way, print its seconds and peak RSS as JSON."""
+    from bench.common import peak_rss, reset_peak_rss
+    from kolors.quant import load_quantized, nbytes, quantize_text_encoder
+    from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+    from kolors.weights import Checkpoint, weight_files
+
+    folder = args.load / "text_encoder"
+    variant = "fp16" if any(folder.glob("*.fp16*")) else None
+    checkpoint = Checkpoint(weight_files(folder, variant), checkpoint_keys_transform)
+    with torch.device("meta"):
+        model = ChatGLMModel(TextEncoderConfig.from_json(folder))
+    start_rss, _ = rss(), reset_peak_rss()
+    start = time.perf_counter()
+    if args.load_one == "quantize-while-loading":
+        load_quantized(model, checkpoint, args.quant, dtype=dtype, device="cpu")
+    else:
+        checkpoint.load(model, dtype=dtype, device="cpu")
+        if args.load_one == "load-then-quantize":
+            quantize_text_encoder(model, args.quant)
+    seconds = time.perf_counter() - start
+    print(json.dumps(dict(seconds=seconds, peak=peak_rss() - start_rss, model=nbytes(model))))
+
+
+def compare_loads(args) -> None:
+    """Each load in a fresh process (memory freed by one would hide the next one's peak)."""
+    import subprocess
+
+    print(f"== text encoder load: {args.quant}, {args.dtype}, {args.load / 'text_encoder'} ==")
+    print(f"command      : python {' '.join(sys.argv)}")
+    print(f"{'':<24} {'seconds':>8} {'model':>10} {'peak RSS above start':>22}")
+    for mode in LOAD_MODES:
+        worker = [sys.executable, __file__, "--load", str(args.load), "--load-one", mode]
+        worker += ["--quant", args.quant, "--dtype", args.dtype]
+        out = json.loads(
+            subprocess.run(worker, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
+        print(
+            f"{mode:<24} {out['seconds']:>7.1f}s {format_bytes(out['model']):>10} {format_bytes(out['peak']):>22}"
+        )
 
 
 if __name__ == "__main__":
