@@ -68,6 +68,21 @@ def test_conversion_rounds_as_torch_does(tiny_model_dir_fp16):
         assert_same_state(vae, {k: v.to(dtype) for k, v in state.items()})
 
 
+@pytest.mark.parametrize("source, target", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_half_casts_are_bit_exact(tmp_path, source, target):
+    """Every 16-bit pattern (subnormals, infinities, NaNs) cast as torch's own direct cast does, though the
+    reader goes through float32 chunks."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(source).reshape(256, 256)
+    file = tmp_path / "all.safetensors"
+    save_file({"all": values}, file)
+    (_, got), *_ = Checkpoint([file]).read(["all"], dtype=target, device="cpu")
+    expected = values.to(target)
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
 def test_loaded_weights_do_not_depend_on_the_file(tiny_model_dir, vae_state, tmp_path):
     """Every tensor is a copy, never a view of the file's mapping: overwriting the file changes nothing."""
     file = tmp_path / "vae.safetensors"
