@@ -1,6 +1,6 @@
 """Whole generation, end to end: diffusers' KolorsPipeline against kolors on the same weights.
 
-    python bench/bench_generate.py --model /tmp/kolors-mid              # 512x512, 25 steps dpmpp-2m, bf16, CPU
+    python bench/bench_generate.py --model /tmp/kolors-mid      # 512x512, 25 steps dpmpp-2m, bf16, CPU
 
 Each run is one text-to-image call: encode the prompt and the empty negative, 25 DPM-Solver++(2M) Karras steps
 with classifier-free guidance, VAE decode, image as a float array. diffusers uses
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra keyword for kolors' from_pretrained, e.g. compile=true (VALUE read as JSON when it parses)",
+        help="extra keyword for kolors' from_pretrained, e.g. memory=low (VALUE read as JSON if it parses)",
     )
     parser.add_argument(
         "--side", choices=SIDES, help=argparse.SUPPRESS
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         results, notes = (
             {},
             [
-                f"each side in its own process, one after the other: both pipelines need {format_bytes(need)}, "
+                f"each side in its own process, one after the other: both need {format_bytes(need)}, "
                 f"{format_bytes(free)} was available"
             ],
         )

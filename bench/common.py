@@ -193,7 +193,7 @@ def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple
 
 @dataclass
 class Result:
-    """One contender's runs: the warm-up times apart, the timed runs, and the peak memory over the timed runs."""
+    """One contender's runs: the warm-up and the timed runs' times, and the peak memory of the timed runs."""
 
     name: str
     warmup_times: list[float] = field(default_factory=list)

@@ -139,8 +139,8 @@ def test_report_names_machine_sides_and_ratio(capsys):
 
 
 def test_full_size_keys_and_shapes_match_kolors_models():
-    """At full size nothing is written here: the keys and shapes fake_weights would write (diffusers' models on
-    meta) are checked against kolors' own models on meta, as strict loading would check them."""
+    """Nothing full-size is written here: the keys and shapes fake_weights would write (diffusers' models on
+    meta) are checked against kolors' own models on meta, as its strict loading checks them."""
     from bench.fake_weights import COMPONENTS, scaled_config, tensor_shapes
     from kolors.config import load_config
     from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
