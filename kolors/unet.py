@@ -30,6 +30,25 @@ TRANSFORMER_LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms
 FF_MULT = 4  # FeedForward's inner width is 4x the model width (GEGLU doubles it again for the gate)
 MAX_PERIOD = 10000  # sinusoidal timestep embedding
 
+# The CPU fast path, for bf16 on a CPU where oneDNN runs it: linears through oneDNN's fused op (PyTorch's own,
+# the one Inductor emits), which applies the bias, a residual add or a GELU inside the matmul instead of in
+# extra passes over its output, and channels-last activations. Same results up to rounding (one rounding of
+# a fused output instead of two); float32 keeps diffusers' exact sequence of operations.
+_mkldnn = torch.ops.mkldnn
+FAST_CPU_DTYPES: set[torch.dtype] = (
+    {torch.bfloat16}
+    if torch.backends.mkldnn.is_available()
+    and hasattr(_mkldnn, "_linear_pointwise")
+    and _mkldnn._is_mkldnn_bf16_supported()
+    else set()
+)
+
+
+def fast_cpu(x: Tensor) -> bool:
+    # Under torch.compile the plain ops are traced instead: Inductor fuses them itself, and the fused op
+    # has no fake-tensor implementation to trace with.
+    return x.device.type == "cpu" and x.dtype in FAST_CPU_DTYPES and not torch.compiler.is_compiling()
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -222,6 +241,18 @@ class Upsample2D(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+class Linear(nn.Linear):
+    """nn.Linear that can add a residual to its output, fused into the matmul where `fuses`."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not fast_cpu(x):
+            y = F.linear(x, self.weight, self.bias)
+            return y if residual is None else residual + y
+        if residual is None:
+            return _mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return _mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+
+
 class Attention(nn.Module):
     """Multi-head attention without q/k/v biases; self-attention when no keys and values are given."""
 
@@ -231,7 +262,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a parameterless dropout
+        self.to_out = nn.ModuleList([Linear(dim, dim)])  # diffusers' to_out.1 is a parameterless dropout
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -242,23 +273,31 @@ class Attention(nn.Module):
         return self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))
 
     def forward(
-        self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None
+        self,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        bias: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
         """Self-attention over x, or attention to precomputed keys and values `kv` with an additive logit
-        `bias` (B, 1, 1, L)."""
+        `bias` (B, 1, 1, L); `residual` is added to the output."""
         B, T, C = x.shape
         k, v = self.kv(x) if kv is None else kv
         q = self.split_heads(self.to_q(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(hs)
-        return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))
+        return self.to_out[0](y.transpose(1, 2).reshape(B, T, C), residual)
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, 2 * inner)  # the value's weights, then the gate's
 
     def forward(self, x: Tensor) -> Tensor:
+        if fast_cpu(x):  # two matmuls over the halves of the weight, GELU and product fused into them
+            inner, w, b = self.proj.out_features // 2, self.proj.weight, self.proj.bias
+            gate = _mkldnn._linear_pointwise(x, w[inner:], b[inner:], "gelu", [], "none")  # erf GELU
+            return _mkldnn._linear_pointwise.binary(x, gate, w[:inner], b[:inner], "mul")
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
@@ -267,12 +306,10 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         # net.1 is diffusers' dropout slot, kept so that the output layer is named net.2
-        self.net = nn.ModuleList([GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, FF_MULT * dim), nn.Identity(), Linear(FF_MULT * dim, dim)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self.net[2](self.net[0](x), residual)
 
 
 class ContextCache(NamedTuple):
@@ -295,10 +332,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: Tensor, context: ContextCache) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context.kv[self.context_index], context.bias)
-        x = x + self.ff(self.norm3(x))
-        return x
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context.kv[self.context_index], context.bias, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer2DModel(nn.Module):
@@ -307,19 +343,19 @@ class Transformer2DModel(nn.Module):
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_GROUP_NORM_EPS)
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = Linear(channels, channels)
 
     def forward(self, x: Tensor, context: ContextCache) -> Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-        return h + x
+        residual = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view when x is channels-last
+        return self.proj_out(h, residual).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 def _transformers(cfg: UNetConfig, channels: int, heads: int, depth: int, count: int) -> nn.ModuleList:
@@ -517,6 +553,8 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states
         if not isinstance(context, ContextCache):  # all T keys, exactly diffusers' computation
             context = self.prepare_context(context, merge_pads=False)
+        if fast_cpu(sample):  # faster CPU convolutions, and the transformers' (B, HW, C) become views
+            sample = sample.contiguous(memory_format=torch.channels_last)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -527,4 +565,4 @@ class UNet2DConditionModel(nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             x = block(x, block_skips, temb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
