@@ -95,14 +95,10 @@ def load(side: str, model: Path, dtype: torch.dtype, device: str, **kwargs):
 # ---------------------------------------------------------------------------------------------------- processes
 
 
-def run_child(script: str, argv: list[str], side: str) -> dict:
-    """Run `script --side SIDE` in a fresh Python and return the JSON it writes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        subprocess.run(
-            [sys.executable, script, *argv, "--side", side, "--child-output", str(out)], check=True
-        )
-        return json.loads(out.read_text())
+def run_child(script: str, argv: list[str], side: str, out: Path) -> dict:
+    """Run `script --side SIDE` in a fresh Python; it writes its result as JSON to `out`."""
+    subprocess.run([sys.executable, script, *argv, "--side", side, "--child-output", str(out)], check=True)
+    return json.loads(out.read_text())
 
 
 def child(args) -> None:
@@ -124,14 +120,14 @@ def child(args) -> None:
 
 
 def alternate_children(
-    script: str, argv: list[str], sides, warmup: int, repeats: int
+    script: str, argv: list[str], sides, warmup: int, repeats: int, workdir: Path
 ) -> dict[str, list[dict]]:
-    """Each side `warmup` untimed then `repeats` timed times, each in a new process, the order flipping every
-    round so neither side always follows the other."""
+    """Each side `warmup` untimed then `repeats` timed times, each in a new process (writing into `workdir`),
+    the order flipping every round so neither side always follows the other."""
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(warmup + repeats):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
-            result = run_child(script, argv, side)
+            result = run_child(script, argv, side, workdir / f"{side}-{round_}.json")
             label = "warm-up" if round_ < warmup else f"run {round_ - warmup + 1}/{repeats}"
             print(f"  {side:<12} {label:<10} {json.dumps(result)}", file=sys.stderr, flush=True)
             if round_ >= warmup:
@@ -176,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     dtype = getattr(torch, args.dtype)
 
-    runs = alternate_children(__file__, argv, SIDES, args.warmup, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = alternate_children(__file__, argv, SIDES, args.warmup, args.repeats, Path(tmp))
     in_files = file_weights_bytes(Path(args.model), dtype)
     lines = header(
         "pipeline load (from_pretrained)",
@@ -185,12 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         [f"{'weights':<13}: {format_bytes(in_files)} in {args.dtype} (all tensors of the files)"],
     )
     lines.append(
-        f"{'':<10} {'median':>9} {'runs (s)':<24} {'imports':>8} {'peak RSS':>10} {'before':>9} {'kept':>10}"
+        f"{'':<10} {'median':>9} {'runs (s)':<24} {'imports':>8} {'peak RSS*':>10} {'before':>9} {'kept':>10}"
     )
     medians = {}
     for side, results in runs.items():
         medians[side] = statistics.median(r["seconds"] for r in results)
-        peak = max(r["peak"] for r in results)
+        peak = statistics.median(r["peak"] for r in results)
         times = " ".join(f"{r['seconds']:.2f}" for r in results)
         imports = statistics.median(r["imports"] for r in results)
         lines.append(
@@ -199,9 +196,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     ratio = medians["kolors"] / medians["diffusers"]
     kolors = runs["kolors"]
-    peak, kept, before = max(r["peak"] for r in kolors), kolors[0]["kept"], kolors[0]["rss_before"]
+    peak, kept, before = (
+        statistics.median(r["peak"] for r in kolors),
+        kolors[0]["kept"],
+        kolors[0]["rss_before"],
+    )
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines += [
+        "* median over the runs; 'before': RSS when from_pretrained started; 'kept': the loaded modules' tensors",
         "",
         f"time kolors/diffusers: {ratio:.2f} (goal <= {TIME_GOAL}: {met(ratio <= TIME_GOAL)}); "
         f"diffusers/kolors {1 / ratio:.2f}x",

@@ -293,12 +293,14 @@ class Checkpoint:
             entry = self.entries[key]
             by_file.setdefault(entry.file, []).append((key, entry))
 
+        buffer = torch.empty(0, dtype=torch.float32)  # for fp16 <-> bf16, grown once, shared by all tensors
+
         def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
             target = (
                 (torch.float32 if keep_dtype(key) else dtype) if tensor.is_floating_point() else tensor.dtype
             )
             if torch.device(device).type == "cpu" and {tensor.dtype, target} == HALF_DTYPES:
-                return _cast_through_float32(tensor, target)
+                return _cast_through_float32(tensor, target, buffer)
             # copy=True: a new tensor even when nothing changes, never a view of the file's mapping.
             if tensor.nbytes >= PARALLEL_BYTES:
                 return tensor.to(device=device, dtype=target, copy=True)
@@ -371,13 +373,14 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
             setattr(nn.init, name, function)
 
 
-def _cast_through_float32(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cast_through_float32(tensor: torch.Tensor, dtype: torch.dtype, buffer: torch.Tensor) -> torch.Tensor:
     """fp16 <-> bf16 on the CPU, in float32 chunks. torch's direct cast between the two is scalar code, about
     five times slower than the two vectorised casts through float32 (which holds both exactly, so the result
     has the same bits). One thread: per chunk, waking workers costs more than it saves."""
     out = torch.empty(tensor.shape, dtype=dtype)
     src, dst = tensor.reshape(-1), out.view(-1)
-    buffer = torch.empty(min(CAST_CHUNK, src.numel()), dtype=torch.float32)
+    if buffer.numel() < min(CAST_CHUNK, src.numel()):
+        buffer.resize_(CAST_CHUNK)
     with _one_thread():
         for start in range(0, src.numel(), CAST_CHUNK):
             chunk = buffer[: min(CAST_CHUNK, src.numel() - start)]

@@ -1,0 +1,158 @@
+"""Peak memory of one generation: diffusers, kolors, and kolors with memory="low", on the same folder.
+
+    python bench/bench_memory.py --model /tmp/kolors-full              # 512x512, 2 steps, bf16, CPU
+
+Each side runs in its own fresh process: load the pipeline, then one text-to-image call (the seed prompt and
+an empty negative, classifier-free guidance, DPM-Solver++(2M) Karras, VAE decode). The number that counts is
+the process's peak resident set (VmHWM) over load and generation together; the peak of the generation alone
+(the high-water mark reset after loading) and the resident set right after loading are given too. The
+number of steps barely moves the peak, so the default is 2. Sides alternate when --repeats is above 1.
+
+Goal (issue 3): kolors with memory="low" peaks at most 40% of diffusers' peak, with the image identical to
+kolors' normal mode (checked here bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as `python bench/bench_memory.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_load import (  # noqa: E402
+    add_args,
+    alternate_children,
+    file_weights_bytes,
+    header,
+    load,
+    module_bytes,
+    quiet_diffusers,
+)
+from bench.common import SEED_PROMPT, GiB, format_bytes, peak_rss, reset_peak_rss, rss  # noqa: E402
+
+SIDES = ("diffusers", "kolors", "kolors-low")
+GOAL = 0.4  # kolors-low's peak / diffusers' peak
+
+
+def generate(side: str, pipe, args) -> np.ndarray:
+    common = dict(
+        prompt=args.prompt,
+        negative_prompt="",
+        height=args.size,
+        width=args.size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        output_type="np",
+    )
+    if side == "diffusers":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, use_karras_sigmas=True
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**common, generator=torch.Generator("cpu").manual_seed(args.seed)).images
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**common, sampler="dpmpp-2m", seed=args.seed).images
+
+
+def child(args) -> None:
+    """Load and generate once in this fresh process; the image goes next to the JSON for the comparison."""
+    import json
+
+    if args.side == "diffusers":
+        quiet_diffusers()
+    import kolors.pipeline  # noqa: F401
+
+    start = time.perf_counter()
+    memory = {"memory": "low"} if args.side == "kolors-low" else {}
+    pipe, modules = load(
+        args.side.split("-")[0], Path(args.model), getattr(torch, args.dtype), args.device, **memory
+    )
+    load_seconds, after_load, load_peak = time.perf_counter() - start, rss(), peak_rss()
+    reset = reset_peak_rss()
+    start = time.perf_counter()
+    image = generate(args.side.split("-")[0], pipe, args)
+    result = dict(
+        load_seconds=load_seconds,
+        seconds=time.perf_counter() - start,
+        load_peak=load_peak,
+        after_load=after_load,
+        generation_peak=peak_rss() if reset else None,
+        peak=max(load_peak, peak_rss()),
+        kept=module_bytes(modules),
+    )
+    out = Path(args.child_output)
+    np.save(out.with_suffix(".npy"), image)
+    result["image"] = str(out.with_suffix(".npy"))
+    out.write_text(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), repeats=1)
+    parser.set_defaults(warmup=0)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512, help="image height and width in pixels")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default=SEED_PROMPT)
+    parser.add_argument("--keep-images", default=None, help="a folder to keep each side's image (.npy) in")
+    args = parser.parse_args(argv)
+    if args.side:
+        return child(args)
+    if not Path(args.model).is_dir():
+        parser.error("--model must be a Kolors-diffusers folder, e.g. from: python bench/fake_weights.py DIR")
+    argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    dtype = getattr(torch, args.dtype)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.keep_images or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        runs = alternate_children(__file__, argv, SIDES, args.warmup, args.repeats, workdir)
+        images = {side: np.load(results[-1]["image"]) for side, results in runs.items()}
+    in_files = file_weights_bytes(Path(args.model), dtype)
+    notes = [
+        f"{'weights':<13}: {format_bytes(in_files)} in {args.dtype} (all tensors of the files)",
+        f"{'generation':<13}: {args.size}x{args.size}, {args.steps} steps dpmpp-2m Karras, guidance "
+        f"{args.guidance:g}, seed prompt + empty negative, seed {args.seed}",
+    ]
+    lines = header("peak memory of one generation (load + generate)", args, dtype, notes)
+    lines.append(
+        f"{'':<11} {'peak RSS':>10} {'after load':>11} {'gen. peak':>10} {'kept':>10} {'load':>8} {'generate':>9}"
+    )
+    peaks = {}
+    for side, results in runs.items():
+        peaks[side] = statistics.median(r["peak"] for r in results)
+        r = results[-1]
+        gen_peak = format_bytes(r["generation_peak"]) if r["generation_peak"] is not None else "n/a"
+        lines.append(
+            f"{side:<11} {format_bytes(peaks[side]):>10} {format_bytes(r['after_load']):>11} {gen_peak:>10} "
+            f"{format_bytes(r['kept']):>10} {r['load_seconds']:>7.1f}s {r['seconds']:>8.1f}s"
+        )
+    same = np.array_equal(images["kolors-low"], images["kolors"])
+    ratio = peaks["kolors-low"] / peaks["diffusers"]
+    lines += [
+        "",
+        f"kolors-low / diffusers peak: {ratio:.2f} (goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'}); "
+        f"kolors / diffusers: {peaks['kolors'] / peaks['diffusers']:.2f}",
+        f"low-memory image identical to normal mode: {same} (max abs diff "
+        f"{np.abs(images['kolors-low'] - images['kolors']).max():.3g}); kolors vs diffusers max abs diff "
+        f"{np.abs(images['kolors'] - images['diffusers']).max():.3g}",
+    ]
+    print("\n".join(lines), flush=True)
+    print(
+        f"| peak RSS {args.size}px generation, {args.dtype} | {peaks['diffusers'] / GiB:.2f} GiB | "
+        f"{peaks['kolors'] / GiB:.2f} GiB | {peaks['kolors-low'] / GiB:.2f} GiB | {ratio:.2f} (<= {GOAL}) | "
+        f"{'identical' if same else 'DIFFERENT'} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
