@@ -38,6 +38,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="keep only the running model in memory: the text encoder streamed a layer at a time, on a GPU the "
         "rest parked in host memory between stages (same images, slower per prompt)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet: the first step compiles (minutes), so it pays only over many images",
+    )
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -146,7 +152,7 @@ def add_batch_parser(sub) -> None:
 
 
 # from_pretrained keywords beyond model, dtype, device and variant
-LOAD_OPTIONS = ("text_encoder_quant", "memory")
+LOAD_OPTIONS = ("text_encoder_quant", "memory", "compile")
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -241,6 +247,7 @@ def generate(args: argparse.Namespace) -> int:
         variant=args.variant,
         text_encoder_quant=args.text_encoder_quant,
         memory=args.memory,
+        compile=bool(args.compile),
     )
     pipe.set_progress_bar_config(disable=args.quiet)
     for (img, img_seed), path in zip(request.run(pipe), paths, strict=True):

@@ -164,9 +164,11 @@ class KolorsPipeline:
         text_encoder_quant: str | None = None,
         memory: str = "normal",
         prompt_cache: int | None = None,
+        compile: bool = False,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
-        `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.quant), experimental."""
+        `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.quant), experimental.
+        `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays."""
         text_encoder_quant = parse_quant(text_encoder_quant)
         memory = parse_memory(memory)
         prompt_cache_size(memory, prompt_cache)  # a bad size fails before the load
@@ -202,6 +204,8 @@ class KolorsPipeline:
         load_weights(vae, weight_files(root / "vae", variant), dtype=vae_dtype, device=host)
         for module in (text_encoder, unet, vae):
             module.eval().requires_grad_(False)
+        if compile:  # torch.compile scoped to the UNet, the per-step callable; the first step compiles it
+            unet.compile()
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)

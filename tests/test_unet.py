@@ -282,3 +282,45 @@ def test_compiled_forward_matches_eager(models):
         expected, actual = model(*args), compiled(*args)
     scale = expected.float().abs().max().item()
     assert (actual.float() - expected.float()).abs().max().item() <= 3e-2 * scale
+
+
+def test_pipeline_compile_is_scoped_to_the_unet(tiny_model_dir):
+    from kolors.pipeline import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu", compile=True)
+    assert pipe.unet._compiled_call_impl is not None  # nn.Module.compile: same module, same state-dict keys
+    assert getattr(pipe.text_encoder, "_compiled_call_impl", None) is None
+    assert getattr(pipe.vae, "_compiled_call_impl", None) is None
+
+
+def test_cli_compile_flag_reaches_from_pretrained(tiny_model_dir, tmp_path, monkeypatch):
+    from kolors import cli
+    from kolors.pipeline import KolorsPipeline
+
+    seen = {}
+    load = KolorsPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return load(cls, *args, **kwargs | dict(compile=False))  # the wiring, not minutes of compiling
+
+    monkeypatch.setattr(KolorsPipeline, "from_pretrained", classmethod(spy))
+    argv = ["generate", "a cat", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu"]
+    argv += ["--width", "64", "--height", "64", "--steps", "1", "--quiet", "-o", str(tmp_path / "a.png")]
+    assert cli.main(argv + ["--compile"]) == 0
+    assert seen["compile"] is True
+    assert cli.main(argv) == 0
+    assert seen["compile"] is False
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_gives_the_same_image(tiny_model_dir):
+    from kolors.pipeline import KolorsPipeline
+
+    images = [
+        KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu", compile=compile)(
+            "a cat", height=64, width=64, num_inference_steps=2, seed=0, output_type="np"
+        ).images
+        for compile in (False, True)
+    ]
+    assert abs(images[0] - images[1]).max() <= 1e-3
