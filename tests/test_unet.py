@@ -324,3 +324,20 @@ def test_compiled_pipeline_gives_the_same_image(tiny_model_dir):
         for compile in (False, True)
     ]
     assert abs(images[0] - images[1]).max() <= 1e-3
+
+
+def test_bench_unet_smoke(capsys):
+    """bench/bench_unet.py end to end on a small config (its numbers mean nothing at this size)."""
+    if not FULL_CONFIG.is_file():
+        pytest.skip(f"the Kolors reference folder is absent ({REFERENCE})")
+    from bench.bench_unet import main
+
+    with torch.enable_grad():  # the bench turns autograd off globally; restored on leaving
+        main(
+            ["--channels", "64,128,128", "--depth", "1,1,1", "--latent", "8", "--tokens", "32"]
+            + ["--warmup", "0", "--repeats", "1", "--prompt", "a cat"]
+        )
+    assert torch.is_grad_enabled()
+    out = capsys.readouterr().out
+    assert "ratio diffusers/kolors" in out and "FLOPs per step" in out
+    assert "text keys 32 -> 5" in out  # "a cat": 4 real tokens, 28 pads merged into one key
