@@ -242,7 +242,7 @@ class Upsample2D(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can add a residual to its output, fused into the matmul where `fuses`."""
+    """nn.Linear that can add a residual to its output, fused into the matmul on the CPU fast path."""
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not fast_cpu(x):
@@ -565,4 +565,4 @@ class UNet2DConditionModel(nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             x = block(x, block_skips, temb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()  # channels-last back to standard
