@@ -8,6 +8,13 @@ from tests.reference import build_reference_pipeline, save_reference_pipeline
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """Benchmarks called from tests switch autograd off process-wide; each test starts as a fresh process would."""
+    yield
+    torch.set_grad_enabled(True)
+
+
 @pytest.fixture(scope="session")
 def reference_pipeline():
     """diffusers' tiny KolorsPipeline (float32): the reference every parity test compares to."""

@@ -7,6 +7,7 @@ real ones (three UNet levels, text_time add-embedding, text_proj, MQA with 2 KV 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -140,9 +141,9 @@ def save_reference_pipeline(pipe, path: Path, variant: str | None = None) -> Pat
     """Save with diffusers' own save_pretrained: the real on-disk layout. The fp16 variant gets a sharded
     text encoder, as the real Kolors-diffusers repository has."""
     if variant == "fp16":
-        pipe = pipe.to(torch.float16)
-        pipe.save_pretrained(path, variant="fp16", max_shard_size="2MB")
-        pipe.to(torch.float32)
+        # A copy: casting the shared reference to fp16 and back would round its weights and break every
+        # parity test that runs after this fixture.
+        copy.deepcopy(pipe).to(torch.float16).save_pretrained(path, variant="fp16", max_shard_size="2MB")
     else:
         pipe.save_pretrained(path)
     return path

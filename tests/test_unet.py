@@ -332,12 +332,13 @@ def test_bench_unet_smoke(capsys):
         pytest.skip(f"the Kolors reference folder is absent ({REFERENCE})")
     from bench.bench_unet import main
 
+    before = torch.is_grad_enabled()
     with torch.enable_grad():  # the bench turns autograd off globally; restored on leaving
         main(
             ["--channels", "64,128,128", "--depth", "1,1,1", "--latent", "8", "--tokens", "32"]
             + ["--warmup", "0", "--repeats", "1", "--prompt", "a cat"]
         )
-    assert torch.is_grad_enabled()
+    assert torch.is_grad_enabled() == before
     out = capsys.readouterr().out
     assert "ratio diffusers/kolors" in out and "FLOPs per step" in out
     assert "text keys 32 -> 5" in out  # "a cat": 4 real tokens, 28 pads merged into one key
