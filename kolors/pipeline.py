@@ -374,17 +374,15 @@ class KolorsPipeline:
         """The epsilon UNet as a denoiser x0(x, step) with classifier-free guidance: cond and uncond in one
         batched call, as diffusers does (uncond first)."""
         cfg = guidance_scale > 1.0
-        context, pooled = embeds.prompt_embeds, embeds.pooled
-        if cfg:
-            context = torch.cat(
-                [embeds.negative_prompt_embeds.repeat_interleave(n, 0), context.repeat_interleave(n, 0)]
-            )
-            pooled = torch.cat(
-                [embeds.negative_pooled.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)]
-            )
-        else:
-            context, pooled = context.repeat_interleave(n, 0), pooled.repeat_interleave(n, 0)
-        context, pooled = context.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+        def rows(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+            # n images per prompt, each prompt's rows together; with guidance all uncond rows come first.
+            batch = cond.repeat_interleave(n, 0)
+            batch = torch.cat([uncond.repeat_interleave(n, 0), batch]) if cfg else batch
+            return batch.to(self.device, self.dtype)
+
+        context = rows(embeds.prompt_embeds, embeds.negative_prompt_embeds)
+        pooled = rows(embeds.pooled, embeds.negative_pooled)
         # Cross-attention keys and values depend on the text alone: computed here once, pads merged.
         context = self.unet.prepare_context(context)
         # diffusers' size conditioning: original size, crop top-left (0, 0), target size.
