@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--prompt", default=SEED_PROMPT, help="sets the prompt's pad count (negative: empty)")
     parser.add_argument("--compile", action="store_true", help="also time kolors under torch.compile")
+    parser.add_argument(
+        "--unpacked", action="store_true", help="also time kolors without packed weights (pack_weights)"
+    )
     args = parser.parse_args(argv)
     device, dtype = setup(args)
 
@@ -205,18 +208,37 @@ def main(argv: list[str] | None = None) -> None:
     prepare = [timed(lambda: ours.prepare_context(inputs["encoder_hidden_states"]), device) for _ in range(3)]
     context = prepare[-1][1]
     prepare_s = sorted(t for t, _ in prepare)[1]
-    fns = {"diffusers": diffusers_step(ref, inputs), "kolors": kolors_step(ours, inputs, context)}
+    shapes = (
+        f"latents {args.batch}x{cfg.in_channels}x{args.latent}x{args.latent}, text {args.batch}x{args.tokens}"
+        f"x{cfg.encoder_hid_dim} (pads {pads}), channels {list(cfg.block_out_channels)}, depth "
+        f"{list(cfg.transformer_depth)}, {sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters"
+        f" ({format_bytes(sum(p.nbytes for p in ours.parameters()))})"
+    )
+    from kolors.unet import FAST_CPU_DTYPES, UNet2DConditionModel
+    from kolors.weights import build_on_meta
+
+    def copy_of_ours():  # sharing diffusers' tensors
+        copy = build_on_meta(lambda: UNet2DConditionModel(cfg))
+        copy.load_state_dict(ours.state_dict(), strict=True, assign=True)
+        return copy.eval()
+
+    fns = {"diffusers": diffusers_step(ref, inputs)}
     notes = []
     if args.compile:
-        from kolors.unet import UNet2DConditionModel
-        from kolors.weights import build_on_meta
-
-        compiled = build_on_meta(lambda: UNet2DConditionModel(cfg))
-        compiled.load_state_dict(ours.state_dict(), strict=True, assign=True)
-        compiled.eval().compile()
+        compiled = copy_of_ours()
+        compiled.compile()
         fns["kolors+compile"] = kolors_step(compiled, inputs, context)
         first, _ = timed(fns["kolors+compile"], device)
         notes.append(f"compile warm-up (first compiled call, compile included): {first:.1f} s")
+    if args.unpacked:
+        fns["kolors-unpacked"] = kolors_step(copy_of_ours(), inputs, context)
+    # What the pipeline runs: on the CPU fast path, weights packed once for oneDNN (their own copy).
+    if device.type == "cpu" and dtype in FAST_CPU_DTYPES:
+        ours.pack_weights()
+        shapes += "; kolors' weights packed for oneDNN (a copy), the rest shared by all sides"
+    else:
+        shapes += "; one copy shared by both sides"
+    fns["kolors"] = kolors_step(ours, inputs, context)
     a, b = torch.randn(2, MATMUL_N, MATMUL_N, device=device).to(dtype)
     fns["matmul"] = lambda: a @ b
     cpu_times = {name: [] for name in fns}
@@ -259,12 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     L = context.kv[0][0].shape[2]
     notes.append(
         f"kolors prepare_context (once per generation): {prepare_s:.3f} s; text keys {args.tokens} -> {L}"
-    )
-    shapes = (
-        f"latents {args.batch}x{cfg.in_channels}x{args.latent}x{args.latent}, text {args.batch}x{args.tokens}"
-        f"x{cfg.encoder_hid_dim} (pads {pads}), channels {list(cfg.block_out_channels)}, depth "
-        f"{list(cfg.transformer_depth)}, {sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters"
-        f" ({format_bytes(sum(p.nbytes for p in ours.parameters()))}, one copy shared by both sides)"
     )
     report("UNet step", results, dtype=dtype, shapes=shapes, device=device, goal=GOAL, notes=notes)
     print(

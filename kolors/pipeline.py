@@ -29,7 +29,7 @@ from kolors.noise import randn
 from kolors.quant import load_quantized, parse_quant
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.tokenizer import ChatGLMTokenizer
-from kolors.unet import UNet2DConditionModel, UNetConfig
+from kolors.unet import FAST_CPU_DTYPES, UNet2DConditionModel, UNetConfig
 from kolors.vae import AutoencoderKL, VAEConfig, sample_latent
 from kolors.weights import (
     DEFAULT_REPO,
@@ -206,6 +206,8 @@ class KolorsPipeline:
             module.eval().requires_grad_(False)
         if compile:  # torch.compile scoped to the UNet, the per-step callable; the first step compiles it
             unet.compile()
+        elif device.type == "cpu" and dtype in FAST_CPU_DTYPES:
+            unet.pack_weights()  # under torch.compile, Inductor packs its own
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)

@@ -50,6 +50,25 @@ def fast_cpu(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in FAST_CPU_DTYPES and not torch.compiler.is_compiling()
 
 
+# Packed weights (`pack_weights`): oneDNN otherwise reorders each weight into its blocked layout at every call.
+# The layout barely depends on the input's size (measured: a weight packed for 16x16 inputs runs 64x64 ones as
+# fast as one packed for them), so one hint serves every resolution and batch.
+PACK_ROWS_HINT = 512  # matmul rows: CFG batch 2 x 256 pixels at the deepest level of a 512x512 image
+PACK_PIXELS_HINT = 32  # convolution input height and width
+
+
+def pack_linear_weight(weight: Tensor) -> Tensor:
+    """A (out, in) weight in oneDNN's blocked layout, for `_linear_pointwise`."""
+    return _mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+
+def _replace_weight(module: nn.Module, packed: Tensor) -> None:
+    # The packed tensor is opaque (no views, no dtype casts), so it leaves the state_dict: a packed model is for
+    # inference on this CPU, and its checkpoint is the file it was loaded from.
+    del module.weight
+    module.register_buffer("weight", packed, persistent=False)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The fields of diffusers' unet/config.json that the Kolors UNet reads. Defaults are diffusers'
@@ -204,27 +223,46 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that can add a residual to its output, fused into the convolution once its weight is packed."""
+
+    def pack(self) -> None:
+        hint = [2, self.in_channels, PACK_PIXELS_HINT, PACK_PIXELS_HINT]
+        packed = _mkldnn._reorder_convolution_weight(
+            self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, hint
+        )
+        _replace_weight(self, packed)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not self.weight.is_mkldnn:
+            y = super().forward(x)
+            return y if residual is None else residual + y
+        args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        if residual is None:
+            return _mkldnn._convolution_pointwise(x, *args, "none", [], "")
+        return _mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
+
+
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        return self.conv2(F.silu(self.norm2(h)), x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
@@ -233,7 +271,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         # Upsampling to the skip's size equals nearest 2x when the size is even, and also restores odd
@@ -244,8 +282,11 @@ class Upsample2D(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear that can add a residual to its output, fused into the matmul on the CPU fast path."""
 
+    def pack(self) -> None:
+        _replace_weight(self, pack_linear_weight(self.weight))
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if not fast_cpu(x):
+        if not (self.weight.is_mkldnn or fast_cpu(x)):
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else residual + y
         if residual is None:
@@ -259,9 +300,9 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim or dim, dim, bias=False)
+        self.to_v = Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([Linear(dim, dim)])  # diffusers' to_out.1 is a parameterless dropout
 
     def split_heads(self, x: Tensor) -> Tensor:
@@ -292,12 +333,19 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner)  # the value's weights, then the gate's
+        self.packed: tuple[Tensor, Tensor] | None = None  # the two halves, packed; then proj has no weight
+
+    def pack(self) -> None:
+        inner, w = self.proj.out_features // 2, self.proj.weight
+        self.packed = (pack_linear_weight(w[:inner]), pack_linear_weight(w[inner:]))
+        del self.proj.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if fast_cpu(x):  # two matmuls over the halves of the weight, GELU and product fused into them
-            inner, w, b = self.proj.out_features // 2, self.proj.weight, self.proj.bias
-            gate = _mkldnn._linear_pointwise(x, w[inner:], b[inner:], "gelu", [], "none")  # erf GELU
-            return _mkldnn._linear_pointwise.binary(x, gate, w[:inner], b[:inner], "mul")
+        if self.packed is not None or fast_cpu(x):  # a matmul per half, GELU and product fused into them
+            inner, b = self.proj.out_features // 2, self.proj.bias
+            value, gate = self.packed or (self.proj.weight[:inner], self.proj.weight[inner:])
+            gate = _mkldnn._linear_pointwise(x, gate, b[inner:], "gelu", [], "none")  # erf GELU
+            return _mkldnn._linear_pointwise.binary(x, gate, value, b[:inner], "mul")
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
@@ -485,7 +533,7 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         cfg = self.config = config
         chs, temb = cfg.block_out_channels, cfg.time_embed_dim
-        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
+        self.conv_in = Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
         self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
@@ -500,11 +548,21 @@ class UNet2DConditionModel(nn.Module):
             for level, kind in zip(levels, cfg.up_block_types, strict=True)
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(
+        self.conv_out = Conv2d(
             chs[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2
         )
         for i, block in enumerate(self.transformer_blocks()):
             block.context_index = i
+
+    def pack_weights(self) -> None:
+        """Pack every per-step convolution and matmul weight into oneDNN's layout for this CPU, once, instead
+        of oneDNN reordering it at every call: identical results, a faster step (BENCHMARKS.md). For the CPU
+        fast path only (float32 or bf16 on a CPU with oneDNN, not under torch.compile), and one way: the packed
+        weights leave the state_dict. `encoder_hid_proj` and the time MLPs run once per call or generation and
+        stay as they are."""
+        for module in self.modules():
+            if isinstance(module, (Conv2d, Linear, GEGLU)):
+                module.pack()
 
     def transformer_blocks(self) -> list[BasicTransformerBlock]:
         """Every BasicTransformerBlock in module order: the order of ContextCache.kv."""

@@ -131,6 +131,29 @@ def test_fused_linears_match_diffusers_in_float32(models, monkeypatch):
     assert (actual - expected).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.skipif(torch.bfloat16 not in FAST_CPU_DTYPES, reason="oneDNN's fused bf16 linear is unavailable")
+@pytest.mark.parametrize("h,w", [(8, 12), (10, 14)])
+def test_packed_weights_match_diffusers_in_float32(models, monkeypatch, h, w):
+    """pack_weights hands every convolution and matmul weight to oneDNN in its own layout, with the residual
+    adds fused into the convolutions; checked at float32 precision like the fast path above, on sizes other
+    than the packing hint and a batch of 3."""
+    ref, ours = models
+    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    packed = copy.deepcopy(ours)
+    packed.pack_weights()
+    assert all(m.weight.is_mkldnn for m in packed.modules() if isinstance(m, (unet.Conv2d, unet.Linear)))
+    assert "conv_in.weight" not in packed.state_dict()  # opaque tensors stay out of the state_dict
+    inputs = make_inputs(3, h, w)
+    expected, actual = run_both(ref, packed, inputs)
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= 1e-5 * scale
+    with torch.no_grad():  # and through the context cache, as the pipeline calls it
+        cached = packed(
+            **inputs | dict(encoder_hidden_states=packed.prepare_context(inputs["encoder_hidden_states"]))
+        )
+    assert (cached - expected).abs().max().item() <= 1e-5 * scale
+
+
 def test_config_reads_heads_as_diffusers_does():
     cfg = from_dict(UNetConfig, dict(TINY_UNET))
     assert cfg.heads == (1, 2, 4)  # attention_head_dim, read as head counts
