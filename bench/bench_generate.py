@@ -8,8 +8,8 @@ DPMSolverMultistepScheduler(use_karras_sigmas=True), the working 25-step sampler
 sampler="dpmpp-2m". Both get the same seed on a CPU generator, so the same initial noise.
 
 Both pipelines are loaded into one process and run alternately when their weights fit in memory together;
-otherwise (full size on a 24 GiB machine) each side runs in its own process, one after the other, and the
-report says so. The report ends with the largest difference between the two sides' images (pixels in [0, 1]):
+otherwise (full size on a 24 GiB machine) each run has its own process (loading, warm-up, one timed run), the
+sides alternating, and the report says so. The report ends with the largest difference between the two sides' images (pixels in [0, 1]):
 in bf16 it is not zero because diffusers keeps latents in bf16 between steps and kolors in fp32.
 """
 
@@ -152,15 +152,44 @@ def run_sides(args, sides: list[str], device, dtype) -> tuple[dict[str, Result],
 
 
 def run_child(args, side: str, workdir: Path) -> tuple[Result, list[str]]:
-    """Run one side in a fresh process (this script with --side): its own load, warm-up and runs."""
+    """Run one side in a fresh process (this script with --side): its own load, warm-up and one timed run."""
     out = workdir / side
-    command = [sys.executable, __file__, *args.argv, "--side", side, "--child-output", str(out)]
+    command = [
+        sys.executable,
+        __file__,
+        *args.argv,
+        "--repeats",
+        "1",
+        "--side",
+        side,
+        "--child-output",
+        str(out),
+    ]
     subprocess.run(command, check=True)
     data = json.loads(out.with_suffix(".json").read_text())
     result = Result(side, data["warmup_times"], data["times"], data["peak_memory"], data["start_memory"])
     result.peak_reset = data["peak_reset"]
     result.output = np.load(out.with_suffix(".npy"))
     return result, data["notes"]
+
+
+def run_children(args, workdir: Path) -> tuple[dict[str, Result], list[str]]:
+    """One fresh process per run, the sides alternating (A B, B A, ...) so that drift in the machine's load
+    between runs falls on both sides alike."""
+    results = {side: Result(side) for side in SIDES}
+    notes = []
+    for round_ in range(args.repeats):
+        for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
+            child, child_notes = run_child(args, side, workdir)
+            merged = results[side]
+            merged.warmup_times += child.warmup_times
+            merged.times += child.times
+            if child.peak_memory > merged.peak_memory:
+                merged.peak_memory, merged.start_memory = child.peak_memory, child.start_memory
+            merged.peak_reset = merged.peak_reset and child.peak_reset
+            merged.output = child.output
+            notes += [f"round {round_ + 1}: {note}" for note in child_notes]
+    return results, notes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,17 +247,13 @@ def main(argv: list[str] | None = None) -> None:
         results, notes = run_sides(args, list(SIDES), device, dtype)
         notes.insert(0, "both pipelines loaded in one process, runs alternating (peak memory includes both)")
     else:
-        results, notes = (
-            {},
-            [
-                f"each side in its own process, one after the other: both need {format_bytes(need)}, "
-                f"{format_bytes(free)} was available"
-            ],
-        )
         with tempfile.TemporaryDirectory() as tmp:
-            for side in SIDES:
-                results[side], side_notes = run_child(args, side, Path(tmp))
-                notes += side_notes
+            results, notes = run_children(args, Path(tmp))
+        notes.insert(
+            0,
+            f"each run in its own process, sides alternating: both sides need {format_bytes(need)}, "
+            f"{format_bytes(free)} was available",
+        )
 
     a, b = (np.asarray(results[s].output, dtype=np.float32) for s in SIDES)
     diff = np.abs(a - b)

@@ -67,6 +67,26 @@ def test_kolors_and_diffusers_give_the_same_image_on_fake_weights(fake_dir, caps
     assert diff < 1e-3, out  # same seed, same sampler: the same image in float32
 
 
+def test_generate_in_alternating_processes(fake_dir, capsys):
+    """The full-size mode: every run in a fresh process, the sides alternating, the runs merged per side."""
+    from bench.bench_generate import main
+
+    main(
+        ["--model", str(fake_dir), "--size", "64", "--steps", "2", "--dtype", "float32"]
+        + ["--warmup", "0", "--repeats", "2", "--processes", "two"]
+    )
+    out = capsys.readouterr().out
+    assert "each run in its own process, sides alternating" in out
+    assert out.count("round 1: diffusers loaded") == 1 and out.count("round 2: kolors loaded") == 1
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith(("diffusers ", "kolors "))
+    }
+    assert len(rows["diffusers"]) >= 3 and len(rows["kolors"]) >= 3  # the median, then two runs each
+    assert float(re.search(r"max abs diff ([0-9.e-]+)", out).group(1)) < 1e-3
+
+
 def test_write_safetensors_round_trips_in_blocks(tmp_path):
     from safetensors.torch import load_file
 
