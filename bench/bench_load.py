@@ -61,9 +61,9 @@ def file_weights_bytes(model: Path, dtype: torch.dtype) -> int:
 
 
 def module_bytes(modules) -> int:
-    return sum(
-        t.numel() * t.element_size() for m in modules for t in m.state_dict().values() if not t.is_meta
-    )
+    """Bytes of the tensors the modules keep, packed UNet weights (outside the state_dict) included."""
+    tensors = (t for m in modules for t in (*m.parameters(), *m.buffers()) if not t.is_meta)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def quiet_diffusers() -> None:

@@ -18,6 +18,9 @@ the fetched tensors are the ones a normal load makes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -30,6 +33,24 @@ from kolors.weights import Checkpoint
 
 MEMORY_MODES = ("normal", "low")
 DEFAULT_PROMPT_CACHE = 32  # entries; a prompt and its negative are 4 MB in bf16 at full size
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give memory freed by the process back to the OS now. glibc keeps freed heap chunks for reuse, and a
+    weight freed as its replacement of another size is made (kolors.unet.pack_weights) leaves its chunk
+    resident: 2.6 GB for the full UNet, measured. A no-op where the C library has no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def parse_memory(memory: str) -> str:

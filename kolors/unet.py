@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kolors.config import ConfigError
+from kolors.memory import return_freed_memory
 
 # Constants of diffusers' building blocks that UNet2DConditionModel never passes down from its config.
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # Transformer2DModel's input GroupNorm
@@ -333,17 +334,21 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner)  # the value's weights, then the gate's
-        self.packed: tuple[Tensor, Tensor] | None = None  # the two halves, packed; then proj has no weight
+        # pack() moves the two halves of proj.weight here, packed
+        self.register_buffer("packed_value", None, persistent=False)
+        self.register_buffer("packed_gate", None, persistent=False)
 
     def pack(self) -> None:
         inner, w = self.proj.out_features // 2, self.proj.weight
-        self.packed = (pack_linear_weight(w[:inner]), pack_linear_weight(w[inner:]))
+        self.packed_value, self.packed_gate = pack_linear_weight(w[:inner]), pack_linear_weight(w[inner:])
         del self.proj.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None or fast_cpu(x):  # a matmul per half, GELU and product fused into them
+        packed = self.packed_value is not None
+        if packed or fast_cpu(x):  # a matmul per half, GELU and product fused into them
             inner, b = self.proj.out_features // 2, self.proj.bias
-            value, gate = self.packed or (self.proj.weight[:inner], self.proj.weight[inner:])
+            w = None if packed else self.proj.weight
+            value, gate = (self.packed_value, self.packed_gate) if packed else (w[:inner], w[inner:])
             gate = _mkldnn._linear_pointwise(x, gate, b[inner:], "gelu", [], "none")  # erf GELU
             return _mkldnn._linear_pointwise.binary(x, gate, value, b[:inner], "mul")
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -563,6 +568,7 @@ class UNet2DConditionModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (Conv2d, Linear, GEGLU)):
                 module.pack()
+                return_freed_memory()  # else the freed plain weights stay resident: +2.6 GB at full size
 
     def transformer_blocks(self) -> list[BasicTransformerBlock]:
         """Every BasicTransformerBlock in module order: the order of ContextCache.kv."""
