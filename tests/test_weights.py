@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kolors import KolorsError
+from kolors import KolorsError, weights
 from kolors.config import load_config
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.vae import AutoencoderKL, VAEConfig
@@ -68,10 +68,13 @@ def test_conversion_rounds_as_torch_does(tiny_model_dir_fp16):
         assert_same_state(vae, {k: v.to(dtype) for k, v in state.items()})
 
 
+@pytest.mark.parametrize("chunk", [weights.CAST_CHUNK, 1000], ids=["one-chunk", "workers-share-chunks"])
 @pytest.mark.parametrize("source, target", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
-def test_half_casts_are_bit_exact(tmp_path, source, target):
+def test_half_casts_are_bit_exact(tmp_path, monkeypatch, source, target, chunk):
     """Every 16-bit pattern (subnormals, infinities, NaNs) cast as torch's own direct cast does, though the
-    reader goes through float32 chunks."""
+    reader goes through float32 chunks, which the threads share out when there are several."""
+    monkeypatch.setattr(weights, "CAST_CHUNK", chunk)
+    monkeypatch.setattr(weights, "_cast_buffers", lambda: [torch.empty(0) for _ in range(3)])
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     values = bits.view(source).reshape(256, 256)
     file = tmp_path / "all.safetensors"
