@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from bench.common import (  # noqa: E402
     Result,
     add_common_args,
     alternate,
+    alternate_children,
     available_memory,
     format_bytes,
     memory_kind,
@@ -151,44 +151,21 @@ def run_sides(args, sides: list[str], device, dtype) -> tuple[dict[str, Result],
     return results, notes
 
 
-def run_child(args, side: str, workdir: Path) -> tuple[Result, list[str]]:
-    """Run one side in a fresh process (this script with --side): its own load, warm-up and one timed run."""
-    out = workdir / side
-    command = [
-        sys.executable,
-        __file__,
-        *args.argv,
-        "--repeats",
-        "1",
-        "--side",
-        side,
-        "--child-output",
-        str(out),
-    ]
-    subprocess.run(command, check=True)
-    data = json.loads(out.with_suffix(".json").read_text())
-    result = Result(side, data["warmup_times"], data["times"], data["peak_memory"], data["start_memory"])
-    result.peak_reset = data["peak_reset"]
-    result.output = np.load(out.with_suffix(".npy"))
-    return result, data["notes"]
-
-
 def run_children(args, workdir: Path) -> tuple[dict[str, Result], list[str]]:
-    """One fresh process per run, the sides alternating (A B, B A, ...) so that drift in the machine's load
-    between runs falls on both sides alike."""
-    results = {side: Result(side) for side in SIDES}
-    notes = []
-    for round_ in range(args.repeats):
-        for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
-            child, child_notes = run_child(args, side, workdir)
-            merged = results[side]
-            merged.warmup_times += child.warmup_times
-            merged.times += child.times
-            if child.peak_memory > merged.peak_memory:
-                merged.peak_memory, merged.start_memory = child.peak_memory, child.start_memory
-            merged.peak_reset = merged.peak_reset and child.peak_reset
-            merged.output = child.output
-            notes += [f"round {round_ + 1}: {note}" for note in child_notes]
+    """Every run in a fresh process (this script with --side: its own load, warm-up and one timed run), the
+    sides alternating, the runs merged per side."""
+    runs = alternate_children(__file__, [*args.argv, "--repeats", "1"], SIDES, 0, args.repeats, workdir)
+    results, notes = {}, []
+    for side, side_runs in runs.items():
+        peak = max(side_runs, key=lambda run: run["peak_memory"])
+        result = Result(side, peak_memory=peak["peak_memory"], start_memory=peak["start_memory"])
+        for round_, run in enumerate(side_runs, 1):
+            result.warmup_times += run["warmup_times"]
+            result.times += run["times"]
+            result.peak_reset = result.peak_reset and run["peak_reset"]
+            notes += [f"round {round_}: {note}" for note in run["notes"]]
+        result.output = np.load(side_runs[-1]["output"])
+        results[side] = result
     return results, notes
 
 
@@ -235,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         r, out = results[args.side], Path(args.child_output)
         np.save(out.with_suffix(".npy"), np.asarray(r.output))
         fields = ("warmup_times", "times", "peak_memory", "start_memory", "peak_reset")
-        data = {k: getattr(r, k) for k in fields} | {"notes": notes}
+        data = {k: getattr(r, k) for k in fields} | {"notes": notes, "output": str(out.with_suffix(".npy"))}
         out.with_suffix(".json").write_text(json.dumps(data))
         return
 

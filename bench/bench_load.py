@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ if __package__ in (None, ""):  # run as `python bench/bench_load.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     GiB,
+    alternate_children,
     command_line,
     format_bytes,
     machine_info,
@@ -95,12 +95,6 @@ def load(side: str, model: Path, dtype: torch.dtype, device: str, **kwargs):
 # ---------------------------------------------------------------------------------------------------- processes
 
 
-def run_child(script: str, argv: list[str], side: str, out: Path) -> dict:
-    """Run `script --side SIDE` in a fresh Python; it writes its result as JSON to `out`."""
-    subprocess.run([sys.executable, script, *argv, "--side", side, "--child-output", str(out)], check=True)
-    return json.loads(out.read_text())
-
-
 def child(args) -> None:
     """One load in this process: time, peak RSS (VmHWM: this process has done nothing else), weights kept."""
     start = time.perf_counter()
@@ -117,22 +111,6 @@ def child(args) -> None:
         seconds=seconds, imports=imports, rss_before=before, peak=peak_rss(), kept=module_bytes(modules)
     )
     Path(args.child_output).write_text(json.dumps(result))
-
-
-def alternate_children(
-    script: str, argv: list[str], sides, warmup: int, repeats: int, workdir: Path
-) -> dict[str, list[dict]]:
-    """Each side `warmup` untimed then `repeats` timed times, each in a new process (writing into `workdir`),
-    the order flipping every round so neither side always follows the other."""
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
-    for round_ in range(warmup + repeats):
-        for side in sides if round_ % 2 == 0 else sides[::-1]:
-            result = run_child(script, argv, side, workdir / f"{side}-{round_}.json")
-            label = "warm-up" if round_ < warmup else f"run {round_ - warmup + 1}/{repeats}"
-            print(f"  {side:<12} {label:<10} {json.dumps(result)}", file=sys.stderr, flush=True)
-            if round_ >= warmup:
-                runs[side].append(result)
-    return runs
 
 
 def header(title: str, args, dtype: torch.dtype, notes: list[str]) -> list[str]:

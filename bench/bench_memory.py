@@ -28,14 +28,13 @@ if __package__ in (None, ""):  # run as `python bench/bench_memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_load import (  # noqa: E402
     add_args,
-    alternate_children,
     file_weights_bytes,
     header,
     load,
     module_bytes,
     quiet_diffusers,
 )
-from bench.common import SEED_PROMPT, GiB, format_bytes, peak_rss, reset_peak_rss, rss  # noqa: E402
+from bench.common import SEED_PROMPT, GiB, alternate_children, format_bytes, peak_rss, reset_peak_rss, rss  # noqa: E402
 
 SIDES = ("diffusers", "kolors", "kolors-low")
 GOAL = 0.4  # kolors-low's peak / diffusers' peak

@@ -13,11 +13,13 @@ median of its timed runs after the warm-up. Peak memory is the process's residen
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -313,6 +315,28 @@ def speed_row(goal_text: str, results: dict[str, Result], *, goal: float, baseli
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def run_child(script: str, argv: list[str], side: str, out: Path) -> dict:
+    """Run `script --side SIDE` in a fresh Python; it writes its result as JSON to `out`."""
+    subprocess.run([sys.executable, script, *argv, "--side", side, "--child-output", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def alternate_children(
+    script: str, argv: list[str], sides, warmup: int, repeats: int, workdir: Path
+) -> dict[str, list[dict]]:
+    """Each side `warmup` untimed then `repeats` timed times, each in a new process (writing into `workdir`),
+    the order flipping every round so neither side always follows the other."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for round_ in range(warmup + repeats):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            result = run_child(script, argv, side, workdir / f"{side}-{round_}.json")
+            label = "warm-up" if round_ < warmup else f"run {round_ - warmup + 1}/{repeats}"
+            print(f"  {side:<12} {label:<10} {json.dumps(result)}", file=sys.stderr, flush=True)
+            if round_ >= warmup:
+                runs[side].append(result)
+    return runs
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, repeats: int = 3) -> argparse.ArgumentParser:
