@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from kolors.errors import KolorsError
-from kolors.weights import Checkpoint
+from kolors.weights import Checkpoint, set_tensor
 
 MEMORY_MODES = ("normal", "low")
 DEFAULT_PROMPT_CACHE = 32  # entries; a prompt and its negative are 4 MB in bf16 at full size
@@ -135,7 +135,7 @@ class WeightStream:
         self.loaded: str | None = None
         self.fetches = 0  # units fetched so far
         for key, tensor in fetch([k for k in keys if k not in in_units]).items():
-            _set_tensor(module, key, tensor)  # the small rest (e.g. a rotary buffer) stays resident
+            set_tensor(module, key, tensor)  # the small rest (e.g. a rotary buffer) stays resident
         for name, sub in module.named_modules():
             unit = next((u for u in self.units if name == u or name.startswith(u + ".")), None)
             owns = any(t is not None for t in (*sub._parameters.values(), *sub._buffers.values()))
@@ -148,7 +148,7 @@ class WeightStream:
             return
         self.release()
         for key, tensor in self.fetch(self.units[unit]).items():
-            _set_tensor(self.module, key, tensor)
+            set_tensor(self.module, key, tensor)
         self.loaded = unit
         self.fetches += 1
 
@@ -158,7 +158,7 @@ class WeightStream:
             return
         state = self.module.state_dict(keep_vars=True)
         for key in self.units[self.loaded]:
-            _set_tensor(self.module, key, torch.empty_like(state[key], device="meta"))
+            set_tensor(self.module, key, torch.empty_like(state[key], device="meta"))
         self.loaded = None
 
 
@@ -169,7 +169,9 @@ def stream_weights(
     the converted weights on a GPU. The checkpoint is checked against the module first, as a load would."""
     checkpoint.check(module)
     if device.type == "cpu":
-        return WeightStream(module, lambda keys: dict(checkpoint.read(keys, dtype=dtype, device=device)))
+        return WeightStream(
+            module, lambda keys: dict(checkpoint.read(keys, dtype=dtype, device=device, reread=True))
+        )
     host = dict(checkpoint.read(module.state_dict(), dtype=dtype, device="cpu"))
     return WeightStream(module, lambda keys: {k: host[k].to(device, non_blocking=True) for k in keys})
 
@@ -181,20 +183,8 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     host = dict(module.named_parameters()) | dict(module.named_buffers())
     try:
         for key, tensor in host.items():
-            _set_tensor(module, key, tensor.to(device))
+            set_tensor(module, key, tensor.to(device))
         yield module
     finally:
         for key, tensor in host.items():
-            _set_tensor(module, key, tensor)
-
-
-def _set_tensor(module: nn.Module, key: str, tensor: Tensor) -> None:
-    """Put `tensor` in place of the parameter or buffer `key` (a Parameter is put back as it is)."""
-    owner_name, _, name = key.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    if name in owner._parameters:
-        if not isinstance(tensor, nn.Parameter):
-            tensor = nn.Parameter(tensor, requires_grad=False)
-        owner._parameters[name] = tensor
-    else:
-        owner._buffers[name] = tensor
+            set_tensor(module, key, tensor)

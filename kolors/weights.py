@@ -11,13 +11,15 @@ the text encoder's layers from it (kolors/memory.py).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import math
 import mmap
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,11 +219,13 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
-# Smaller tensors convert on one thread: a parallel copy wakes every worker, nothing on an idle machine but
-# milliseconds each on a busy one, which made the UNet's 1,700 small tensors load 5x slower than on one thread.
-PARALLEL_BYTES = 16 * 1024**2
 HALF_DTYPES = {torch.float16, torch.bfloat16}
 CAST_CHUNK = 1024**2  # elements: a 4 MB float32 buffer, near the cache
+# One read of a safetensors file. Measured on this machine's virtual disk, uncached, O_DIRECT: 1.2 GB/s in 8 MB
+# requests, 1.5 GB/s in 64 MB, 2.0-2.7 GB/s in 256 MB; in a load, 128 MB: 1.76 GB/s with one reader thread, 1.75
+# with two. So one reader, three buffers (one converting, two read ahead).
+READ_BYTES = 128 * 1024**2
+BLOCK = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block: 4096 covers all
 
 
 @dataclass(frozen=True)
@@ -243,10 +247,9 @@ class Checkpoint:
     """One component's tensors across its weight files, by model key, known from the files' headers alone.
 
     Nothing is read until asked: `check` compares keys and shapes with a model built on the meta device before
-    any data is touched, and `read` gives the tensors one at a time. A safetensors tensor is memory-mapped on its
-    own byte range, converted into its one new tensor and unmapped, so its file pages never stay resident next
-    to the converted weights (safetensors' get_tensor copies out of a mapping of the whole file, whose touched
-    pages count in the resident set until the file is closed: twice the model at the end of a load)."""
+    any data is touched, and `read` gives the tensors, each converted into its one new tensor as its bytes arrive
+    (kolors never maps a whole file: safetensors' get_tensor copies out of such a mapping, whose touched pages
+    count in the resident set until the file is closed: twice the model at the end of a load)."""
 
     def __init__(self, files: list[Path], transform: Callable[[dict], dict] | None = None):
         self.files = list(files)
@@ -287,32 +290,28 @@ class Checkpoint:
         dtype: torch.dtype,
         device: torch.device | str,
         keep_dtype: Callable[[str], bool] = lambda key: False,
+        reread: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) for each key, file by file in storage order, each a new tensor in `dtype` on `device`.
-        Integer tensors keep their dtype; `keep_dtype(key)` keeps a tensor in float32 (computed in fp32)."""
+        Integer tensors keep their dtype; `keep_dtype(key)` keeps a tensor in float32 (computed in fp32).
+        Data not in the page cache is read past it (see _Source); `reread=True` for data that will be read
+        again soon (the low-memory mode's streamed layers), which the page cache then keeps."""
         by_file: dict[Path, list[tuple[str, TensorEntry]]] = {}
         for key in keys:
             entry = self.entries[key]
             by_file.setdefault(entry.file, []).append((key, entry))
 
-        buffers = _cast_buffers()  # for fp16 <-> bf16: one per worker, grown once, shared by all tensors
-
-        def convert(key: str, tensor: torch.Tensor) -> torch.Tensor:
-            target = (
-                (torch.float32 if keep_dtype(key) else dtype) if tensor.is_floating_point() else tensor.dtype
-            )
-            if torch.device(device).type == "cpu" and {tensor.dtype, target} == HALF_DTYPES:
-                return _cast_through_float32(tensor, target, buffers)
-            # copy=True: a new tensor even when nothing changes, never a view of the file's mapping.
-            if tensor.nbytes >= PARALLEL_BYTES:
-                return tensor.to(device=device, dtype=target, copy=True)
-            with _one_thread():
-                return tensor.to(device=device, dtype=target, copy=True)
+        def new_tensor(key: str, entry: TensorEntry) -> torch.Tensor:
+            floating = entry.dtype.is_floating_point
+            target = (torch.float32 if keep_dtype(key) else dtype) if floating else entry.dtype
+            return torch.empty(entry.shape, dtype=target, device=device)
 
         for file, items in by_file.items():
             items.sort(key=lambda item: item[1].offset)
-            read = _read_safetensors if file.suffix == ".safetensors" else _read_pickled
-            yield from read(file, items, convert)
+            if file.suffix == ".safetensors":
+                yield from _read_safetensors(file, items, new_tensor, direct=not reread)
+            else:
+                yield from _read_pickled(file, items, new_tensor)
 
     def load(
         self,
@@ -321,12 +320,15 @@ class Checkpoint:
         dtype: torch.dtype,
         device: torch.device | str,
         keep_dtype: Callable[[str], bool] = lambda key: False,
+        loaded: Callable[[str], None] | None = None,
     ) -> nn.Module:
-        """Check, then read every tensor into `model` (built on the meta device): load_state_dict(assign=True)
-        takes the new tensors as they are, so each weight exists once."""
+        """Check, then read every tensor into `model` (built on the meta device) as it comes, so each weight
+        exists once; `loaded(key)` is called after each (the UNet packs its weights there)."""
         self.check(model)
-        state = dict(self.read(model.state_dict(), dtype=dtype, device=device, keep_dtype=keep_dtype))
-        model.load_state_dict(state, strict=True, assign=True)
+        for key, tensor in self.read(model.state_dict(), dtype=dtype, device=device, keep_dtype=keep_dtype):
+            set_tensor(model, key, tensor)
+            if loaded is not None:
+                loaded(key)
         return model
 
 
@@ -338,11 +340,27 @@ def load_weights(
     device: torch.device | str,
     transform: Callable[[dict], dict] | None = None,
     keep_dtype: Callable[[str], bool] = lambda key: False,
+    loaded: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Strictly load `files` into `model` (built on the meta device), converting each tensor to `dtype` and
     `device` as it is read. `transform` is the component's one visible key transform (a prefix, an unused
-    tensor); `keep_dtype(key)` keeps a tensor in float32 when the model computes it in full precision."""
-    return Checkpoint(files, transform).load(model, dtype=dtype, device=device, keep_dtype=keep_dtype)
+    tensor); `keep_dtype(key)` keeps a tensor in float32 when the model computes it in full precision;
+    `loaded(key)` runs after each tensor is in place."""
+    checkpoint = Checkpoint(files, transform)
+    return checkpoint.load(model, dtype=dtype, device=device, keep_dtype=keep_dtype, loaded=loaded)
+
+
+def set_tensor(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of the parameter or buffer `key` of `module`. Parameters come back as Parameters
+    without gradients: kolors only runs inference."""
+    owner_name, _, name = key.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if name in owner._parameters:
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        owner._parameters[name] = tensor
+    else:
+        owner._buffers[name] = tensor
 
 
 # What module constructors call to initialise their weights: pointless for weights that come from a checkpoint.
@@ -375,8 +393,8 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
             setattr(nn.init, name, function)
 
 
-def _cast_buffers() -> list[torch.Tensor]:
-    return [torch.empty(0, dtype=torch.float32) for _ in range(torch.get_num_threads())]
+def _workers() -> int:
+    return torch.get_num_threads()
 
 
 @functools.cache
@@ -384,37 +402,40 @@ def _cast_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="kolors-cast")
 
 
-def _cast_through_float32(
-    tensor: torch.Tensor, dtype: torch.dtype, buffers: list[torch.Tensor]
-) -> torch.Tensor:
-    """fp16 <-> bf16 on the CPU, in float32 chunks. torch's direct cast between the two is scalar code, about
-    five times slower than the two vectorised casts through float32 (which holds both exactly, so the result
-    has the same bits). Each worker casts every n-th chunk with one thread: waking torch's workers per chunk
-    costs more than it saves, and a full load is these casts (1 GiB: 0.53 s on one of this machine's cores,
-    0.27 s on two)."""
-    out = torch.empty(tensor.shape, dtype=dtype)
-    src, dst = tensor.reshape(-1), out.view(-1)
-    starts = range(0, src.numel(), CAST_CHUNK)
-    workers = min(len(buffers), len(starts))
-    inference = torch.is_inference_mode_enabled()  # thread-local: `out` may be an inference tensor
+def _convert(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """dst.copy_(src) for each (src, dst) pair of flat tensors, shared out in CAST_CHUNK pieces among one worker
+    per core, each running torch on one thread: waking torch's own workers for every small tensor costs more
+    than it saves (it made the UNet's 1,700 tensors load 5x slower on a busy machine). fp16 <-> bf16 on the
+    CPU goes through float32: torch's direct cast between the two is scalar code, about five times slower than
+    the two vectorised casts through float32, which holds both exactly, so the result has the same bits."""
+    work = [
+        (src[i : i + CAST_CHUNK], dst[i : i + CAST_CHUNK])
+        for src, dst in pieces
+        for i in range(0, len(src), CAST_CHUNK)
+    ]
+    on_cpu = all(dst.device.type == "cpu" for _, dst in pieces)
+    workers = min(_workers(), len(work)) if on_cpu else 1  # copies to a GPU stay on the caller's thread
+    inference = torch.is_inference_mode_enabled()  # thread-local: the new tensors may be inference tensors
 
-    def cast(worker: int) -> None:
+    def run(worker: int) -> None:
         torch.set_num_threads(1)  # this thread's own setting (OpenMP), not the caller's
-        buffer = buffers[worker]
+        scratch = None
         with torch.inference_mode(inference):
-            if buffer.numel() < min(CAST_CHUNK, src.numel()):
-                buffer.resize_(CAST_CHUNK)
-            for start in starts[worker::workers]:
-                chunk = buffer[: min(CAST_CHUNK, src.numel() - start)]
-                chunk.copy_(src[start : start + len(chunk)])
-                dst[start : start + len(chunk)].copy_(chunk)
+            for src, dst in work[worker::workers]:
+                if dst.device.type == "cpu" and {src.dtype, dst.dtype} == HALF_DTYPES:
+                    if scratch is None:
+                        scratch = torch.empty(CAST_CHUNK, dtype=torch.float32)
+                    chunk = scratch[: len(src)]
+                    chunk.copy_(src)
+                    dst.copy_(chunk)
+                else:
+                    dst.copy_(src)
 
     with _one_thread():
         if workers <= 1:
-            cast(0)
+            run(0)
         else:
-            list(_cast_pool(workers).map(cast, range(workers)))
-    return out
+            list(_cast_pool(workers).map(run, range(workers)))
 
 
 @contextmanager
@@ -484,27 +505,168 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     return {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
 
 
-def _read_safetensors(file: Path, items, convert) -> Iterator[tuple[str, torch.Tensor]]:
-    with open(file, "rb") as f:
-        for key, entry in items:
-            if entry.nbytes == 0:
-                yield key, convert(key, torch.empty(entry.shape, dtype=entry.dtype))
-                continue
-            # Map just this tensor's bytes (the offset must be a multiple of the allocation granularity).
-            start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
-            pages = mmap.mmap(
-                f.fileno(), entry.offset + entry.nbytes - start, offset=start, access=mmap.ACCESS_COPY
-            )
-            raw = torch.frombuffer(pages, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset - start)
-            if entry.offset % entry.dtype.itemsize:  # safetensors does not promise aligned data
+@dataclass
+class _Read:
+    """One read of a file: bytes start..end (aligned to BLOCK) and the tensor pieces (key, entry, first and
+    last element) whose bytes lie inside."""
+
+    start: int
+    end: int
+    pieces: list[tuple[str, TensorEntry, int, int]]
+
+
+def _plan_reads(items: list[tuple[str, TensorEntry]]) -> list[_Read]:
+    """Reads of at most READ_BYTES covering the tensors (in file order); a tensor larger than what is left of a
+    read is split at an element boundary and goes on in the next. A gap of more than a block between tensors
+    (a streamed subset of the file) starts a new read."""
+    reads: list[_Read] = []
+    for key, entry in items:
+        size, count = entry.dtype.itemsize, math.prod(entry.shape)
+        first = 0
+        while first < count:
+            byte = entry.offset + first * size
+            if not reads or byte > reads[-1].end + BLOCK or byte + size > reads[-1].start + READ_BYTES:
+                reads.append(_Read(byte - byte % BLOCK, byte, []))
+            read = reads[-1]
+            last = min(count, first + (read.start + READ_BYTES - byte) // size)
+            read.pieces.append((key, entry, first, last))
+            read.end = entry.offset + last * size
+            first = last
+    return reads
+
+
+def _read_safetensors(file: Path, items, new_tensor, *, direct: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    out: dict[str, torch.Tensor] = {}
+    for key, entry in items:
+        if entry.nbytes == 0:
+            yield key, new_tensor(key, entry)
+    for read, data in _stream(file, _plan_reads(items), direct=direct):
+        pieces, done = [], []
+        for key, entry, first, last in read.pieces:
+            if key not in out:
+                out[key] = new_tensor(key, entry)
+            size = entry.dtype.itemsize
+            start = entry.offset + first * size - read.start
+            raw = data[start : start + (last - first) * size]
+            if start % size:  # safetensors does not promise aligned data
                 raw = raw.clone()
-            tensor = convert(key, raw.view(entry.dtype).view(entry.shape))
-            del raw  # the last view of the mapping: it can close
-            pages.close()
-            yield key, tensor
+            pieces.append((raw.view(entry.dtype), out[key].view(-1)[first:last]))
+            if last == math.prod(entry.shape):
+                done.append(key)
+        _convert(pieces)
+        for key in done:
+            yield key, out.pop(key)
 
 
-def _read_pickled(file: Path, items, convert) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(file: Path, reads: list[_Read], *, direct: bool) -> Iterator[tuple[_Read, torch.Tensor]]:
+    """Each read with its bytes (valid until the next is asked for), read ahead on a thread while the caller
+    converts: reading and converting the 17.8 GB of Kolors' files overlap instead of taking turns."""
+    if not reads:
+        return
+    # Anonymous mappings: page-aligned, as O_DIRECT needs, and returned to the system when dropped.
+    buffers = [mmap.mmap(-1, READ_BYTES) for _ in range(min(3, len(reads)))]
+    views = [torch.frombuffer(buffer, dtype=torch.uint8) for buffer in buffers]
+    with (
+        _Source(file, direct=direct) as source,
+        ThreadPoolExecutor(1, thread_name_prefix="kolors-read") as pool,
+    ):
+
+        def submit(i: int) -> Future:
+            return pool.submit(source.read_into, buffers[i % len(buffers)], reads[i].start, reads[i].end)
+
+        pending = deque(submit(i) for i in range(len(buffers)))
+        for i, read in enumerate(reads):
+            if pending.popleft().result() < read.end - read.start:
+                raise KolorsError(f"weight file {file} is truncated; delete it and download the model again")
+            yield read, views[i % len(buffers)][: read.end - read.start]
+            if i + len(buffers) < len(reads):  # the caller is done with this buffer
+                pending.append(submit(i + len(buffers)))
+
+
+class _Source:
+    """A weight file read in large pieces. A piece mostly in the page cache is read through it (memory speed).
+    Any other piece, on Linux, is read with O_DIRECT, straight from the disk into kolors' buffer: through the
+    page cache the kernel spends a core on copying and caching the pages (this machine, 5.2 GB uncached: 4.3 s
+    and 3.7 s of CPU buffered; 1.9-2.3 s and 0.2 s of CPU with O_DIRECT), on a load that needs both cores for
+    casting, and fills the memory with a second copy of weights the process is about to hold. Written by hand:
+    safetensors and torch read only through the page cache."""
+
+    def __init__(self, file: Path, *, direct: bool):
+        self.file = open(file, "rb", buffering=0)
+        self.direct = None
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct = os.open(file, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # a file system without O_DIRECT (tmpfs): through the page cache
+                pass
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        if self.direct is not None:
+            os.close(self.direct)
+
+    def read_into(self, buffer: mmap.mmap, start: int, end: int) -> int:
+        """Bytes start..end of the file into `buffer`; the count read (less only at the end of the file). An
+        O_DIRECT read asks for whole blocks, past `end` up to the buffer's end: the file ends there or the
+        bytes are not needed."""
+        done, direct = (
+            0,
+            self.direct is not None and _cached_fraction(self.file.fileno(), start, end - start) < 0.5,
+        )
+        while start + done < end:
+            if direct:
+                stop = min(len(buffer), end - start + -(end - start) % BLOCK)
+                try:
+                    n = os.preadv(self.direct, [memoryview(buffer)[done:stop]], start + done)
+                except OSError:  # O_DIRECT refused after all (the alignment rules of an odd device)
+                    direct = False
+                    continue
+            else:
+                self.file.seek(start + done)
+                n = self.file.readinto(memoryview(buffer)[done : end - start])
+            if not n:
+                break
+            done += n
+        return min(done, end - start)
+
+
+def _cached_fraction(fd: int, start: int, length: int) -> float:
+    """The part of a file range in the page cache, from mincore(2) on a mapping nothing reads; 0 if unknown."""
+    offset = start - start % mmap.PAGESIZE
+    try:
+        pages = mmap.mmap(fd, length + start - offset, offset=offset, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return 0.0
+    try:
+        address = ctypes.c_char.from_buffer(pages)
+        count = -(-len(pages) // mmap.PAGESIZE)
+        resident = (ctypes.c_ubyte * count)()
+        failed = _libc().mincore(ctypes.addressof(address), len(pages), resident)
+        del address  # the mapping cannot close while a ctypes object points into it
+        return 0.0 if failed else 1 - bytes(resident).count(0) / count
+    except (AttributeError, OSError):  # no mincore: not Linux, where there is no O_DIRECT either
+        return 0.0
+    finally:
+        pages.close()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_ubyte),
+    ]  # 64-bit address
+    return libc
+
+
+def _read_pickled(file: Path, items, new_tensor) -> Iterator[tuple[str, torch.Tensor]]:
     state = _torch_load(file)  # the mapping closes when `state` goes, after this file's tensors
     for key, entry in items:
-        yield key, convert(key, state[entry.name])
+        tensor = new_tensor(key, entry)
+        _convert([(state[entry.name].reshape(-1), tensor.view(-1))])
+        yield key, tensor

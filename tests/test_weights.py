@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_half_casts_are_bit_exact(tmp_path, monkeypatch, source, target, chunk):
     """Every 16-bit pattern (subnormals, infinities, NaNs) cast as torch's own direct cast does, though the
     reader goes through float32 chunks, which the threads share out when there are several."""
     monkeypatch.setattr(weights, "CAST_CHUNK", chunk)
-    monkeypatch.setattr(weights, "_cast_buffers", lambda: [torch.empty(0) for _ in range(3)])
+    monkeypatch.setattr(weights, "_workers", lambda: 3)
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     values = bits.view(source).reshape(256, 256)
     file = tmp_path / "all.safetensors"
@@ -113,7 +114,7 @@ def test_keep_dtype_and_integer_tensors(tmp_path):
 def write_raw_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors laid out in the given order without alignment padding (the format allows it)."""
     header, blobs, offset = {}, [], 0
-    names = {torch.float32: "F32", torch.float16: "F16", torch.uint8: "U8"}
+    names = {torch.float32: "F32", torch.float16: "F16", torch.uint8: "U8", torch.int64: "I64"}
     for name, t in tensors.items():
         data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {
@@ -141,6 +142,68 @@ def test_unaligned_and_empty_tensors(tmp_path):
     for key, t in tensors.items():
         expected = t.float() if t.is_floating_point() else t
         assert got[key].shape == t.shape and torch.equal(got[key], expected), key
+
+
+@pytest.fixture(params=["page-cache", "direct", "direct-refused"])
+def read_path(request, monkeypatch) -> str:
+    """How _Source reads: through the page cache (the tests' files are freshly written, so cached), straight
+    from the disk as for an uncached file (O_DIRECT, Linux), or O_DIRECT refused mid-load."""
+    if request.param != "page-cache":
+        if not hasattr(os, "O_DIRECT"):
+            pytest.skip("O_DIRECT is Linux-only")
+        monkeypatch.setattr(weights, "_cached_fraction", lambda *args: 0.0)
+    calls = []
+    preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset, *args):
+        calls.append(offset)
+        if request.param == "direct-refused":
+            raise OSError(22, "Invalid argument")
+        assert offset % weights.BLOCK == 0 and all(len(b) % weights.BLOCK == 0 for b in buffers)
+        return preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    yield request.param
+    assert bool(calls) == (request.param != "page-cache")
+
+
+@pytest.mark.parametrize(
+    "read_bytes", [2 * weights.BLOCK, weights.READ_BYTES], ids=["small-reads", "one-read"]
+)
+def test_reads_split_tensors_anywhere(tmp_path, monkeypatch, read_path, read_bytes):
+    """Tensors at odd offsets, larger than a read (split between reads at element boundaries), empty ones and
+    a subset of the keys (gaps between reads) come out exact, whichever way the file is read."""
+    monkeypatch.setattr(weights, "READ_BYTES", read_bytes)
+    tensors = {
+        "odd": torch.arange(3, dtype=torch.uint8),
+        "w": torch.randn(50, 70),  # 14,000 bytes from an odd offset: over three small reads
+        "empty": torch.zeros(0, 4),
+        "h": torch.randn(3001).half(),
+        "ids": torch.arange(1000),
+        "skipped": torch.randn(5000),
+        "tail": torch.randn(1),
+    }
+    file = tmp_path / "raw.safetensors"
+    write_raw_safetensors(file, tensors)
+    for keys in (list(tensors), ["h", "tail", "odd"]):
+        got = dict(Checkpoint([file]).read(keys, dtype=torch.float32, device="cpu"))
+        assert set(got) == set(keys)
+        for key in keys:
+            t = tensors[key]
+            expected = t.float() if t.is_floating_point() else t
+            assert got[key].dtype == expected.dtype and torch.equal(got[key], expected), key
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is not on this platform")
+def test_cached_fraction_sees_the_page_cache(tmp_path):
+    file = tmp_path / "data.bin"
+    with open(file, "w+b") as f:  # mincore needs a mapping, a mapping needs read access
+        f.write(os.urandom(4 * 1024**2))
+        f.flush()
+        assert weights._cached_fraction(f.fileno(), 0, 4 * 1024**2) > 0.9
+        os.fsync(f.fileno())  # written back: clean pages, which DONTNEED drops
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert weights._cached_fraction(f.fileno(), weights.BLOCK, 2 * 1024**2) < 0.1
 
 
 def test_legacy_pickled_shards_with_prefix(tiny_model_dir, tmp_path):
