@@ -199,15 +199,15 @@ class KolorsPipeline:
             te_checkpoint.load(text_encoder, dtype=dtype, device=device)
         host = torch.device("cpu") if low else device
         unet = build_on_meta(lambda: UNet2DConditionModel(unet_config))
-        load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=host)
+        # Packed for oneDNN as it loads on the CPU fast path; under torch.compile Inductor packs its own.
+        pack = unet.packer() if device.type == "cpu" and dtype in FAST_CPU_DTYPES and not compile else None
+        load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=host, loaded=pack)
         vae = build_on_meta(lambda: AutoencoderKL(vae_config))
         load_weights(vae, weight_files(root / "vae", variant), dtype=vae_dtype, device=host)
         for module in (text_encoder, unet, vae):
             module.eval().requires_grad_(False)
         if compile:  # torch.compile scoped to the UNet, the per-step callable; the first step compiles it
             unet.compile()
-        elif device.type == "cpu" and dtype in FAST_CPU_DTYPES:
-            unet.pack_weights()  # under torch.compile, Inductor packs its own
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)

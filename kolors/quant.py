@@ -62,26 +62,22 @@ def load_quantized(
     soon as its tensors are read: the full-precision encoder never exists whole (12 GB for ChatGLM3 in fp16,
     more than the GPUs int8 is for), only the quantized one and the matrix at hand."""
     make = Int8Linear.from_linear if parse_quant(quant) == "int8" else Int4Linear.from_linear
-    checkpoint.check(model)
     pending = {
         name: {f"{name}.{key}" for key, _ in module.named_parameters()}
         for name, module in model.named_modules()
         if _is_quantized(name, module)
     }
-    for key, tensor in checkpoint.read(model.state_dict(), dtype=dtype, device=device):
-        owner_name, _, attr = key.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[attr] = tensor
+
+    def quantize(key: str) -> None:
+        owner_name = key.rpartition(".")[0]
         if owner_name in pending:
             pending[owner_name].discard(key)
             if not pending[owner_name]:  # weight and bias both read
                 parent_name, _, name = owner_name.rpartition(".")
-                setattr(model.get_submodule(parent_name), name, make(owner))
+                setattr(model.get_submodule(parent_name), name, make(model.get_submodule(owner_name)))
                 del pending[owner_name]
-    return model
+
+    return checkpoint.load(model, dtype=dtype, device=device, loaded=quantize)
 
 
 def nbytes(module: nn.Module) -> int:

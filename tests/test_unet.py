@@ -154,6 +154,30 @@ def test_packed_weights_match_diffusers_in_float32(models, monkeypatch, h, w):
     assert (cached - expected).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.skipif(torch.bfloat16 not in FAST_CPU_DTYPES, reason="oneDNN's fused bf16 linear is unavailable")
+def test_packing_while_loading_equals_packing_after(models, monkeypatch, tmp_path):
+    """The pipeline packs each weight as it is read (packer); the model is the one pack_weights makes."""
+    from safetensors.torch import save_file
+
+    from kolors.weights import build_on_meta, load_weights
+
+    _, ours = models
+    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    monkeypatch.setattr(unet, "PACK_TRIM_BYTES", 1)  # and give memory back after every weight
+    file = tmp_path / "unet.safetensors"
+    save_file(ours.state_dict(), file)
+    packed_after = copy.deepcopy(ours)
+    packed_after.pack_weights()
+    fresh = build_on_meta(lambda: UNet2DConditionModel(ours.config))
+    packed_while = load_weights(fresh, [file], dtype=torch.float32, device="cpu", loaded=fresh.packer())
+    buffers = lambda m: {k: b.is_mkldnn for k, b in m.named_buffers() if b is not None}  # noqa: E731
+    assert buffers(packed_while) == buffers(packed_after) and any(buffers(packed_while).values())
+    assert packed_while.state_dict().keys() == packed_after.state_dict().keys()
+    inputs = make_inputs(2, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(packed_while(**inputs), packed_after(**inputs))
+
+
 def test_config_reads_heads_as_diffusers_does():
     cfg = from_dict(UNetConfig, dict(TINY_UNET))
     assert cfg.heads == (1, 2, 4)  # attention_head_dim, read as head counts
