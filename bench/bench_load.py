@@ -1,10 +1,14 @@
 """Loading: diffusers' KolorsPipeline.from_pretrained against kolors' on the same folder.
 
     python bench/bench_load.py --model /tmp/kolors-full            # bf16 on CPU, 3 timed loads per side
+    python bench/bench_load.py --model /tmp/kolors-full --cold     # each load from the disk (root, Linux)
 
 Every load runs in a fresh process, so each side's peak resident set (VmHWM) is its own and nothing is
 reused from an earlier load. The processes alternate (diffusers, kolors, kolors, diffusers, ...) after one
-untimed warm-up load per side that brings the files into the page cache for both alike. Timed: the
+untimed warm-up load per side that brings the files into the page cache for both alike. What a load then
+finds in the page cache depends on the runs before it (17.8 GB of files and 16.5 GB of weights do not both fit
+in 24 GB), so `--cold` empties the cache before every load instead: each side reads everything from the disk,
+as after a reboot or with more weights than spare memory. Timed: the
 from_pretrained call alone (the imports are reported apart). The report gives the median time of each side,
 the ratio, the peak RSS while loading, and the weights' size in the target dtype: all the files' tensors
 (what diffusers keeps) and what kolors keeps (it never reads ChatGLM's unused LM head, 0.5 GB at full size).
@@ -29,9 +33,12 @@ import torch
 if __package__ in (None, ""):  # run as `python bench/bench_load.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
+    DROP_CACHES,
     GiB,
     alternate_children,
+    can_drop_page_cache,
     command_line,
+    drop_page_cache,
     format_bytes,
     machine_info,
     peak_rss,
@@ -135,6 +142,9 @@ def add_args(parser: argparse.ArgumentParser, repeats: int) -> argparse.Argument
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument(
+        "--cold", action="store_true", help="empty the OS page cache before each load (Linux, as root)"
+    )
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: one run, in a child process
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     return parser
@@ -147,17 +157,24 @@ def main(argv: list[str] | None = None) -> None:
         return child(args)
     if not Path(args.model).is_dir():
         parser.error("--model must be a Kolors-diffusers folder, e.g. from: python bench/fake_weights.py DIR")
+    if args.cold and not can_drop_page_cache():
+        parser.error(f"--cold empties the page cache through {DROP_CACHES}, which needs root on Linux")
     argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     dtype = getattr(torch, args.dtype)
 
+    before = drop_page_cache if args.cold else lambda: None
     with tempfile.TemporaryDirectory() as tmp:
-        runs = alternate_children(__file__, argv, SIDES, args.warmup, args.repeats, Path(tmp))
+        runs = alternate_children(__file__, argv, SIDES, args.warmup, args.repeats, Path(tmp), before)
     in_files = file_weights_bytes(Path(args.model), dtype)
     lines = header(
         "pipeline load (from_pretrained)",
         args,
         dtype,
-        [f"{'weights':<13}: {format_bytes(in_files)} in {args.dtype} (all tensors of the files)"],
+        [
+            f"{'weights':<13}: {format_bytes(in_files)} in {args.dtype} (all tensors of the files)",
+            f"{'page cache':<13}: "
+            + ("emptied before each load (--cold)" if args.cold else "as the runs before left it"),
+        ],
     )
     lines.append(
         f"{'':<10} {'median':>9} {'runs (s)':<24} {'imports':>8} {'peak RSS*':>10} {'before':>9} {'kept':>10}"
@@ -192,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print("\n".join(lines), flush=True)
     print(
-        f"| load, {args.dtype}, {args.device} | {medians['diffusers']:.1f} s | {medians['kolors']:.1f} s | "
+        f"| load{', cold' if args.cold else ''}, {args.dtype}, {args.device} | {medians['diffusers']:.1f} s | {medians['kolors']:.1f} s | "
         f"{ratio:.2f} (<= {TIME_GOAL}) | peak {peak / GiB:.2f} GiB = {peak / kept:.2f}x weights "
         f"(<= {MEMORY_GOAL}x) |"
     )

@@ -317,6 +317,20 @@ def speed_row(goal_text: str, results: dict[str, Result], *, goal: float, baseli
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> None:
+    """Empty the OS page cache (Linux, as root), so the next run reads every file from the disk as after a
+    reboot: the one state of the cache that does not depend on what ran before."""
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+
+
+def can_drop_page_cache() -> bool:
+    return os.access(DROP_CACHES, os.W_OK)
+
+
 def run_child(script: str, argv: list[str], side: str, out: Path) -> dict:
     """Run `script --side SIDE` in a fresh Python; it writes its result as JSON to `out`."""
     subprocess.run([sys.executable, script, *argv, "--side", side, "--child-output", str(out)], check=True)
@@ -324,13 +338,20 @@ def run_child(script: str, argv: list[str], side: str, out: Path) -> dict:
 
 
 def alternate_children(
-    script: str, argv: list[str], sides, warmup: int, repeats: int, workdir: Path
+    script: str,
+    argv: list[str],
+    sides,
+    warmup: int,
+    repeats: int,
+    workdir: Path,
+    before: Callable[[], None] = lambda: None,
 ) -> dict[str, list[dict]]:
     """Each side `warmup` untimed then `repeats` timed times, each in a new process (writing into `workdir`),
-    the order flipping every round so neither side always follows the other."""
+    the order flipping every round so neither side always follows the other; `before()` runs before each."""
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(warmup + repeats):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
+            before()
             result = run_child(script, argv, side, workdir / f"{side}-{round_}.json")
             label = "warm-up" if round_ < warmup else f"run {round_ - warmup + 1}/{repeats}"
             print(f"  {side:<12} {label:<10} {json.dumps(result)}", file=sys.stderr, flush=True)
