@@ -99,6 +99,26 @@ def test_vae_decode_matches_on_fake_weights(fake_dir, capsys):
     assert float(errors["kolors"]) <= 1.25 * float(errors["diffusers"])  # bf16, not worse than diffusers'
 
 
+def test_load_cold_empties_the_page_cache_before_every_load(fake_dir, capsys, monkeypatch):
+    """--cold: each side's load, in its own process, after the page cache is emptied (stubbed here: emptying
+    it needs root and would slow every other test on the machine)."""
+    from bench import bench_load
+
+    dropped = []
+    monkeypatch.setattr(bench_load, "can_drop_page_cache", lambda: True)
+    monkeypatch.setattr(bench_load, "drop_page_cache", lambda: dropped.append(True))
+    bench_load.main(["--model", str(fake_dir), "--warmup", "0", "--repeats", "1", "--cold"])
+    out = capsys.readouterr().out
+    assert len(dropped) == 2  # one per load: diffusers, then kolors
+    assert "emptied before each load (--cold)" in out and "| load, cold, bfloat16, cpu |" in out
+    assert re.search(r"time kolors/diffusers: [0-9.]+", out)
+
+    monkeypatch.setattr(bench_load, "can_drop_page_cache", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_load.main(["--model", str(fake_dir), "--cold"])
+    assert "needs root" in capsys.readouterr().err
+
+
 def test_write_safetensors_round_trips_in_blocks(tmp_path):
     from safetensors.torch import load_file
 
