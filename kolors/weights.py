@@ -612,10 +612,8 @@ class _Source:
         """Bytes start..end of the file into `buffer`; the count read (less only at the end of the file). An
         O_DIRECT read asks for whole blocks, past `end` up to the buffer's end: the file ends there or the
         bytes are not needed."""
-        done, direct = (
-            0,
-            self.direct is not None and _cached_fraction(self.file.fileno(), start, end - start) < 0.5,
-        )
+        done = 0
+        direct = self.direct is not None and _cached_fraction(self.file.fileno(), start, end - start) < 0.5
         while start + done < end:
             if direct:
                 stop = min(len(buffer), end - start + -(end - start) % BLOCK)
@@ -640,16 +638,17 @@ def _cached_fraction(fd: int, start: int, length: int) -> float:
         pages = mmap.mmap(fd, length + start - offset, offset=offset, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
         return 0.0
+    address = None
     try:
         address = ctypes.c_char.from_buffer(pages)
         count = -(-len(pages) // mmap.PAGESIZE)
         resident = (ctypes.c_ubyte * count)()
         failed = _libc().mincore(ctypes.addressof(address), len(pages), resident)
-        del address  # the mapping cannot close while a ctypes object points into it
         return 0.0 if failed else 1 - bytes(resident).count(0) / count
     except (AttributeError, OSError):  # no mincore: not Linux, where there is no O_DIRECT either
         return 0.0
     finally:
+        del address  # the mapping cannot close while a ctypes object points into it
         pages.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,22 @@ def test_cached_fraction_sees_the_page_cache(tmp_path):
         os.fsync(f.fileno())  # written back: clean pages, which DONTNEED drops
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         assert weights._cached_fraction(f.fileno(), weights.BLOCK, 2 * 1024**2) < 0.1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kolors asks mincore on Linux only")
+def test_cached_fraction_is_zero_where_unknown(tmp_path, monkeypatch):
+    """No mincore (not Linux), or a range past the end of the file: 0, so the piece is read as uncached."""
+    file = tmp_path / "data.bin"
+    file.write_bytes(b"x" * 10000)
+    with open(file, "rb") as f:
+        assert weights._cached_fraction(f.fileno(), 0, 10000) > 0.9
+        assert weights._cached_fraction(f.fileno(), 0, 10**9) == 0.0
+
+        def no_mincore():
+            raise AttributeError("mincore")
+
+        monkeypatch.setattr(weights, "_libc", no_mincore)
+        assert weights._cached_fraction(f.fileno(), 0, 10000) == 0.0
 
 
 def test_legacy_pickled_shards_with_prefix(tiny_model_dir, tmp_path):
