@@ -513,12 +513,13 @@ def merge_leading_repeats(states: Tensor) -> tuple[Tensor, Tensor | None]:
     as keys and values: each prompt's leading run of P rows identical to its first (left pads) is kept as
     m copies with bias ln(P / m) each, since exp(s + ln(P / m)) summed m times is P exp(s). m is 1 for the
     prompt with the most real rows and larger for the others, so every prompt has the same L keys and no
-    key is masked out. (states, None) when some prompt has no run to merge."""
+    key is masked out. (states, None) when some prompt has no run to merge, or a first row that is not equal
+    to itself (NaN from an overflowing encoder: left as it is, as diffusers leaves it)."""
     B, T, _ = states.shape
     same = (states == states[:, :1]).all(dim=-1)  # (B, T)
-    runs = same.int().cumprod(dim=1).sum(dim=1).tolist()  # P per prompt, >= 1; the one host read
+    runs = same.int().cumprod(dim=1).sum(dim=1).tolist()  # P per prompt; the one host read
     L = T - min(runs) + 1  # keys of the prompt with the most real rows: its run becomes one key
-    if L == T:
+    if L >= T:
         return states, None
     index, bias = [], []
     for p in runs:

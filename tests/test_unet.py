@@ -256,6 +256,14 @@ def test_merge_leading_repeats_keeps_the_attention():
     assert bias is None and rows is states
 
 
+def test_merge_leaves_nan_states_alone():
+    """NaN (an encoder overflowing in fp16) is never equal to itself: no run to merge, and no crash."""
+    states = padded_states([10, 13])
+    states[1] = float("nan")
+    rows, bias = merge_leading_repeats(states)
+    assert bias is None and rows is states
+
+
 @pytest.mark.parametrize("pads", [[10, 13], [15, 2], [1, 1]])
 def test_context_cache_matches_the_plain_path(models, pads):
     """One cache, reused at several timesteps, gives the outputs of diffusers' full computation (with 256
