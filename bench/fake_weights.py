@@ -9,9 +9,12 @@ Keys and shapes are those of diffusers' own models built from the configs (on th
 allocated), so diffusers' KolorsPipeline and kolors both load the result.
 
 Files are written tensor by tensor straight into the safetensors format (a JSON header of shapes and offsets,
-then the raw bytes, a block of rows at a time), so this command never holds even one whole big tensor: full
-size (17.8 GB on disk in fp16) needs under 1 GB of RAM. Each tensor comes from its own generator, seeded by
-its key, so its values depend neither on the other tensors nor on `--only`.
+then the raw bytes, a block of rows at a time), so this command never holds even one whole big tensor. The
+five files (three text encoder shards, UNet, VAE) are written at once, one thread each: full size (17.8 GB on
+disk in fp16) took 51 s on 2 cores and 31 s on 16, with 0.9-1.6 GB of RAM (one file at a time, UNet and VAE
+alone took 26 s on 2 cores). Each tensor comes from its own generator, seeded by its key, so its values
+depend neither on the other tensors, nor on the order the threads run in, nor on `--only`: the files are the
+same byte for byte.
 
 Values are scaled like a trained network's so activations stay finite in fp16 and bf16: weights are
 normal / sqrt(fan_in), norm weights are 1 + small noise, biases small. The images they give are noise, which
@@ -32,6 +35,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -195,9 +199,17 @@ def split_shards(shapes: dict[str, tuple[int, ...]], n: int) -> list[dict[str, t
 
 
 def write_component(
-    out: Path, component: str, config: dict, dtype: torch.dtype, variant: str | None, seed: int
-) -> int:
-    """config.json and the weights of one component; returns the bytes written."""
+    out: Path,
+    component: str,
+    config: dict,
+    dtype: torch.dtype,
+    variant: str | None,
+    seed: int,
+    pool: Executor,
+) -> tuple[list[Future], Callable[[], None]]:
+    """config.json of one component now, its weight files queued on `pool` (futures of the bytes each file
+    holds), and what to write once they are done: the text encoder's index, last, so that a killed run leaves
+    no index that points to missing shards."""
     folder = out / component
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -208,20 +220,26 @@ def write_component(
 
     v = f".{variant}" if variant else ""
     if component != "text_encoder":
-        return write_safetensors(folder / f"diffusion_pytorch_model{v}.safetensors", shapes, dtype, blocks)
+        path = folder / f"diffusion_pytorch_model{v}.safetensors"
+        return [pool.submit(write_safetensors, path, shapes, dtype, blocks)], lambda: None
 
     # The text encoder is sharded like the real one: model.fp16-0000N-of-00003.safetensors plus an index.
-    total, weight_map = 0, {}
     shards = split_shards(shapes, TEXT_ENCODER_SHARDS)
-    for i, shard in enumerate(shards, start=1):
-        name = f"model{v}-{i:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(folder / name, shard, dtype, blocks)
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / f"model.safetensors.index{v}.json").write_text(
-        json.dumps(index, indent=2) + "\n", encoding="utf-8"
-    )
-    return total
+    names = [f"model{v}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    futures = [
+        pool.submit(write_safetensors, folder / name, shard, dtype, blocks)
+        for name, shard in zip(names, shards, strict=True)
+    ]
+
+    def write_index() -> None:
+        total = sum(f.result() for f in futures)
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / f"model.safetensors.index{v}.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
+
+    return futures, write_index
 
 
 def write_shared_files(reference: Path, out: Path) -> None:
@@ -271,16 +289,23 @@ def make_fake_model(
             f"error: {out} has {format_bytes(free)} free but the weights need {format_bytes(need)}"
         )
     write_shared_files(reference, out)
-    for component in components:
-        start = time.perf_counter()
-        config = scaled_config(reference, component, scale)
-        size = write_component(out, component, config, torch_dtype, variant, seed)
-        if verbose:
-            print(
-                f"{component:<13} {format_bytes(size):>10} in {time.perf_counter() - start:6.1f} s "
-                f"(peak RSS so far {format_bytes(peak_rss())})",
-                flush=True,
-            )
+    # Each file is drawn and written by its own thread (torch's generators and file writes release the GIL):
+    # a drawing generator runs on one core, so five files on five cores take the time of the largest.
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        jobs = {
+            c: write_component(out, c, scaled_config(reference, c, scale), torch_dtype, variant, seed, pool)
+            for c in components
+        }
+        for component, (futures, finish) in jobs.items():
+            size = sum(f.result() for f in futures)
+            finish()
+            if verbose:
+                print(
+                    f"{component:<13} {format_bytes(size):>10} done at {time.perf_counter() - start:6.1f} s "
+                    f"(peak RSS so far {format_bytes(peak_rss())})",
+                    flush=True,
+                )
     return out
 
 
