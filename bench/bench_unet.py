@@ -12,8 +12,8 @@ keys and values each step; kolors reads them from the cache `prepare_context` bu
 time is reported apart: it is paid once, not per step).
 
 Both models share one copy of the weights (kolors loads diffusers' tensors with assign=True). The contenders
-and a large bf16 matmul run interleaved, so the achieved FLOP rate is compared with the machine's matmul rate
-under the same load. FLOPs are counted by torch.utils.flop_counter on the meta device.
+and a large matmul in the same dtype run interleaved, so the achieved FLOP rate is compared with the machine's
+matmul rate under the same load. FLOPs are counted by torch.utils.flop_counter on the meta device.
 
 On a machine shared with other work, wall times swing with the load, and with two threads more than the load
 itself: every op's parallel region waits for the thread that was descheduled, which penalises the side that
@@ -49,7 +49,7 @@ from bench.common import (  # noqa: E402
 )
 
 GOAL = 1.15  # issue 3, speedup 2: a full-size step at least 1.15x faster than diffusers'
-MATMUL_N = 4096  # the roof: an n x n x n bf16 matmul, timed like the steps
+MATMUL_N = 4096  # the roof: an n x n x n matmul in the benchmark's dtype, timed like the steps
 SCALES = {  # overrides of the reference config; head width stays 64, text widths stay real
     "full": {},
     "mid": dict(
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     flops_ref, flops_ours = count_flops(config, cfg, inputs, context)
     roof = 2 * MATMUL_N**3 / matmul.median
-    notes.append(f"bf16 matmul {MATMUL_N}^3 (same runs, median): {roof / 1e12:.3f} TFLOP/s")
+    name = str(dtype).replace("torch.", "")
+    notes.append(f"{name} matmul {MATMUL_N}^3 (same runs, median): {roof / 1e12:.3f} TFLOP/s")
     notes.append(f"FLOPs per step: diffusers {flops_ref / 1e12:.3f} T, kolors {flops_ours / 1e12:.3f} T")
     for name, r in results.items():
         flops = flops_ref if name == "diffusers" else flops_ours
