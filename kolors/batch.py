@@ -265,8 +265,8 @@ def make_images(
 ) -> Iterator[dict]:
     """Generate `chunk` and write each PNG; yields each image's manifest row once its file is in place."""
     for spec, image in zip(chunk, generate(pipe, cache, chunk), strict=True):
-        save_png(image, output_dir / spec.file, spec.infotext(pipe.name))
-        yield spec.row(pipe.name)
+        save_png(image, output_dir / spec.file, spec.infotext(pipe.label))
+        yield spec.row(pipe.label)
 
 
 def generate(pipe: KolorsPipeline, cache: PromptCache, chunk: list[ImageSpec], output_type: str = "pil"):

@@ -251,7 +251,7 @@ def generate(args: argparse.Namespace) -> int:
     )
     pipe.set_progress_bar_config(disable=args.quiet)
     for (img, img_seed), path in zip(request.run(pipe), paths, strict=True):
-        save_png(img, path, request.infotext(img_seed, pipe.name, size=img.size))
+        save_png(img, path, request.infotext(img_seed, pipe.label, size=img.size))
         print(f"{path}  (seed {img_seed})")
     return 0
 

@@ -26,7 +26,7 @@ from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
 from kolors.memory import PromptCache, on_device, parse_memory, prompt_cache_size, stream_weights
 from kolors.noise import randn
-from kolors.quant import load_quantized, parse_quant
+from kolors.quant import load_quantized, parse_quant, quant_of
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.tokenizer import ChatGLMTokenizer
 from kolors.unet import FAST_CPU_DTYPES, UNet2DConditionModel, UNetConfig
@@ -138,6 +138,7 @@ class KolorsPipeline:
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config = scheduler_config
         self.device, self.dtype, self.name = device, dtype, name
+        self.text_encoder_quant = quant_of(text_encoder)
         self.memory = parse_memory(memory)
         self.prompt_cache = PromptCache(prompt_cache_size(self.memory, prompt_cache))
         # Low memory on a GPU: the models loaded into host memory visit the device for their stage only (a
@@ -223,6 +224,13 @@ class KolorsPipeline:
             memory=memory,
             prompt_cache=prompt_cache,
         )
+
+    @property
+    def label(self) -> str:
+        """The model as an image's parameters name it: its name, and the text encoder's quantization when it
+        has one, since that changes the image (one field, no comma: A1111's `Model:` value)."""
+        quant = self.text_encoder_quant
+        return self.name if quant is None else f"{self.name} (text encoder {quant})"
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable

@@ -80,6 +80,16 @@ def load_quantized(
     return checkpoint.load(model, dtype=dtype, device=device, loaded=quantize)
 
 
+def quant_of(model: nn.Module) -> str | None:
+    """ "int8" or "int4" when `model` holds quantized layers, else None."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            return "int8"
+        if isinstance(module, Int4Linear):
+            return "int4"
+    return None
+
+
 def nbytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers."""
     tensors = [*module.parameters(), *module.buffers()]

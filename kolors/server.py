@@ -245,6 +245,7 @@ class FileStore:
 class ModelInfo:
     name: str
     native_size: int  # the side the model was trained at: the default width and height
+    label: str  # as images' parameters name it (KolorsPipeline.label)
 
 
 def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
@@ -255,7 +256,8 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     pipes = list(pipes) if isinstance(pipes, (list, tuple)) else [pipes]
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
-    model = ModelInfo(pipes[0].name, pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor)
+    native = pipes[0].unet.config.sample_size * pipes[0].vae_scale_factor
+    model = ModelInfo(pipes[0].name, native, pipes[0].label)
     queue = JobQueue(pipes, maxsize=config.queue_size)
     files = FileStore(config.url_ttl, int(config.url_store_mb * 2**20))
     version = _version()
@@ -333,7 +335,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
 
         def work():
             return [
-                (png_bytes(img, req.infotext(seed, model.name, size=img.size)), seed)
+                (png_bytes(img, req.infotext(seed, model.label, size=img.size)), seed)
                 for img, seed, req in results
             ]
 
@@ -344,7 +346,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     async def a1111_response(request: Request, body, calls, parameters: dict) -> A1111Response:
         results = await run_job(request, calls)
         pngs = await encode(results)
-        infotexts = [req.infotext(seed, model.name, size=img.size) for img, seed, req in results]
+        infotexts = [req.infotext(seed, model.label, size=img.size) for img, seed, req in results]
         info = a1111_info(body, results, infotexts, model.name, version)
         return A1111Response(
             images=[base64.b64encode(png).decode() for png, _ in pngs],

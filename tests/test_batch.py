@@ -287,6 +287,20 @@ def test_resume_repairs_what_a_crash_leaves(pipe, tmp_path, capsys):
     assert f"Seed: {rows[3]['seed']}," in read_parameters(wrong)
 
 
+def test_a_quantized_text_encoder_is_named_and_resumes(tiny_model_dir, tmp_path):
+    """int8 changes the image, so its parameters say so; a finished image the manifest lost is still found."""
+    quant = KolorsPipeline.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, device="cpu", text_encoder_quant="int8"
+    )
+    jobs, out, label = [{"prompt": "a cat", "seed": 1}], tmp_path / "out", f"{quant.name} (text encoder int8)"
+    run(jobs, out, pipe=quant, defaults=SMALL, progress=False)
+    (row,) = manifest(out)
+    assert row["model"] == label and read_parameters(out / row["file"]).endswith(f", Model: {label}")
+    (out / MANIFEST).unlink()  # killed between the PNG's rename and its manifest row
+    summary = run(jobs, out, pipe=quant, defaults=SMALL, progress=False)
+    assert (summary.done, summary.skipped) == (0, 1) and manifest(out) == [row]
+
+
 def test_changed_job_keeps_the_finished_image_and_says_so(pipe, tmp_path, capsys):
     out = tmp_path / "out"
     run([{"prompt": "a cat", "id": "x", "seed": 1}], out, pipe=pipe, defaults=SMALL, progress=False)

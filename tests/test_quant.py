@@ -22,6 +22,7 @@ from kolors.quant import (
     parse_quant,
     quantize_text_encoder,
 )
+from kolors.request import read_parameters
 from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.weights import Checkpoint, weight_files
 from tests.test_text_encoder import PROMPTS, encode, ours_from, tokenize
@@ -192,6 +193,7 @@ def test_pipeline_runs_with_quantized_text_encoder(tiny_model_dir, exact_image, 
     pipe.set_progress_bar_config(disable=True)
     layer = Int8Linear if quant == "int8" else Int4Linear
     assert isinstance(pipe.text_encoder.encoder.layers[0].self_attention.query_key_value, layer)
+    assert pipe.text_encoder_quant == quant and pipe.label == f"{pipe.name} (text encoder {quant})"
     image = pipe("a red fox", num_inference_steps=3, seed=1, output_type="np").images
     assert image.shape == exact_image.shape and np.isfinite(image).all()
     assert 0 < np.abs(image - exact_image).max() < 0.5
@@ -207,6 +209,8 @@ def test_cli_option(tiny_model_dir, tmp_path, capsys):
     args = ["generate", "a red fox", "--model", str(tiny_model_dir), "--steps", "2", "--width", "64"]
     args += ["--height", "64", "--dtype", "float32", "--device", "cpu", "--quiet", "--output", str(out)]
     assert main([*args, "--text-encoder-quant", "int8"]) == 0 and out.is_file()
+    # The image's parameters name the quantization, which changes the image.
+    assert read_parameters(out).endswith(f", Model: {tiny_model_dir.name} (text encoder int8)")
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--text-encoder-quant", "int3"])
     assert exit_info.value.code == 2 and "int8" in capsys.readouterr().err
