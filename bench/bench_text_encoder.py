@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--load-one", choices=LOAD_MODES, default=None, help=argparse.SUPPRESS)  # the worker
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="where both sides run (random weights are drawn there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -61,9 +62,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def randomize_(model: nn.Module, seed: int) -> None:
-    """Weights scaled like a trained network's, drawn in place: norms near one, small biases, the rest
-    normal / sqrt(fan_in)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Weights scaled like a trained network's, drawn in place (on the model's device): norms near one, small
+    biases, the rest normal / sqrt(fan_in)."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if "norm" in name:
             p.normal_(1.0, 0.1, generator=generator)
@@ -73,14 +74,14 @@ def randomize_(model: nn.Module, seed: int) -> None:
             p.normal_(0.0, 1 / math.sqrt(p.shape[-1]), generator=generator)
 
 
-def build_reference(config: dict, dtype: torch.dtype, seed: int) -> nn.Module:
+def build_reference(config: dict, dtype: torch.dtype, seed: int, device: torch.device) -> nn.Module:
     """diffusers' ChatGLMModel with random weights, built on the meta device: its own skip_init would
     allocate every weight in float32 first (25 GB at full size)."""
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
     with torch.device("meta"):
         model = ChatGLMModel(ChatGLMConfig(**config), device="meta")
-    model = model.to(dtype).to_empty(device="cpu").eval()
+    model = model.to(dtype).to_empty(device=device).eval()
     randomize_(model, seed)
     dim = model.rotary_pos_emb.dim
     model.rotary_pos_emb.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)))
@@ -108,7 +109,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     full_config = json.loads(args.config.read_text())
     config = {**full_config, "num_layers": args.layers or full_config["num_layers"]}
 
@@ -127,12 +128,12 @@ def main() -> None:
     if args.load:
         return compare_loads(args)
     if args.quant:
-        return compare_quantized(args, config, full_config, dtype, tokenizer, shapes)
+        return compare_quantized(args, config, full_config, dtype, device, tokenizer, shapes)
 
     from diffusers import KolorsPipeline as DiffusersPipeline
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer as DiffusersTokenizer
 
-    reference = build_reference(config, dtype, args.seed)
+    reference = build_reference(config, dtype, args.seed, device)
     ours = build_ours(config, reference.state_dict())
     weights = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
     print(
@@ -151,17 +152,20 @@ def main() -> None:
 
     def run_diffusers():
         embeds, negative, pooled, negative_pooled = diffusers_pipe.encode_prompt(
-            SEED_PROMPT, torch.device("cpu"), negative_prompt=""
+            SEED_PROMPT, device, negative_prompt=""
         )
         return torch.cat([embeds, negative]), torch.cat([pooled, negative_pooled])
 
     def run_kolors():
         # What kolors' KolorsPipeline.encode_prompt does: one batched call, prompts then negatives.
         t = tokenizer([SEED_PROMPT, ""], max_length=256)
-        return ours(t.input_ids, t.attention_mask, t.position_ids)
+        return ours(t.input_ids.to(device), t.attention_mask.to(device), t.position_ids.to(device))
 
     results = alternate(
-        {"diffusers": run_diffusers, "kolors": run_kolors}, warmup=args.warmup, repeats=args.repeats
+        {"diffusers": run_diffusers, "kolors": run_kolors},
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=device,
     )
     (ref_embeds, ref_pooled), (embeds, pooled) = results["diffusers"].output, results["kolors"].output
     layers = config["num_layers"]
@@ -169,6 +173,7 @@ def main() -> None:
         "text encoder: encode_prompt",
         results,
         dtype=dtype,
+        device=device,
         shapes=f"{shapes}; diffusers computes 2 x 256 rows, kolors {rows}",
         goal=GOAL if layers == full_config["num_layers"] else None,
         notes=[
@@ -182,12 +187,12 @@ def main() -> None:
     )
 
 
-def compare_quantized(args, config, full_config, dtype, tokenizer, shapes) -> None:
+def compare_quantized(args, config, full_config, dtype, device, tokenizer, shapes) -> None:
     """kolors in `dtype` against kolors with the `--quant` text encoder, on the same random weights."""
     from kolors.quant import nbytes, quantize_text_encoder
 
     plain = build_ours(config)
-    plain = plain.to(dtype).to_empty(device="cpu")
+    plain = plain.to(dtype).to_empty(device=device)
     randomize_(plain, args.seed)
     # The twin shares every tensor with `plain` except the quantized layers, which it replaces by its own.
     start = time.perf_counter()
@@ -197,12 +202,13 @@ def compare_quantized(args, config, full_config, dtype, tokenizer, shapes) -> No
 
     def encode(model):
         t = tokenizer([SEED_PROMPT, ""], max_length=256)
-        return model(t.input_ids, t.attention_mask, t.position_ids)
+        return model(t.input_ids.to(device), t.attention_mask.to(device), t.position_ids.to(device))
 
     results = alternate(
         {args.dtype: lambda: encode(plain), args.quant: lambda: encode(quantized)},
         warmup=args.warmup,
         repeats=args.repeats,
+        device=device,
     )
     (embeds, pooled), (q_embeds, q_pooled) = results[args.dtype].output, results[args.quant].output
     # Exact byte counts at the real size: the meta device holds shapes and dtypes, no data.
@@ -224,6 +230,7 @@ def compare_quantized(args, config, full_config, dtype, tokenizer, shapes) -> No
         f"text encoder: {args.quant} against {args.dtype}",
         results,
         dtype=dtype,
+        device=device,
         shapes=shapes,
         baseline=args.dtype,
         notes=[

@@ -9,6 +9,8 @@
 #   generate  1024x1024, 25 steps dpmpp-2m, fp16: diffusers and kolors in one process, alternating
 #   memory    one 1024x1024 generation per process: diffusers, its model CPU offload, kolors, kolors low memory
 #   unet      one full-size UNet step at 128x128 latents (1024 px) with CFG, fp16, eager and torch.compile
+#   encode    encode_prompt at full ChatGLM3 size, fp16, diffusers against kolors
+#   quant     the int8 and int4 text encoders against fp16 at full size: time, bytes, deviation
 # Needs a CUDA build of torch, diffusers and transformers (the test extra) and the Kolors reference folder
 # ($KOLORS_REFERENCE, default ../shared/kolors-reference). Weights: 17.8 GB in $MODEL (default /dev/shm, or /tmp).
 set -u
@@ -17,7 +19,7 @@ if [ -z "${MODEL:-}" ]; then  # memory-backed when /dev/shm has room: the loads 
     MODEL=/tmp/kolors-full
     [ "$(df --output=avail -B1 /dev/shm 2>/dev/null | tail -1)" -gt 20000000000 ] 2>/dev/null && MODEL=/dev/shm/kolors-full
 fi
-STEPS=${STEPS:-tests weights generate memory unet}
+STEPS=${STEPS:-tests weights generate memory unet encode quant}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -62,4 +64,7 @@ has memory && step memory 200 $PY bench/bench_memory.py --model "$MODEL" --devic
     --size 1024 --steps 2
 has unet && step unet 240 $PY bench/bench_unet.py --device cuda --dtype float16 --latent 128 --compile \
     --warmup 3 --repeats 10
+has encode && step encode 120 $PY bench/bench_text_encoder.py --device cuda --dtype float16 --warmup 2 --repeats 5
+has quant && step quant 240 bash -c 'for q in int8 int4; do "$0" bench/bench_text_encoder.py --device cuda \
+    --dtype float16 --quant $q --warmup 2 --repeats 5 || exit; done' "$PY"
 exit 0
