@@ -223,3 +223,33 @@ def test_full_size_keys_and_shapes_match_kolors_models():
                 ).items()
             }
         assert written == ours, component
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_bench_text_encoder_smoke(fake_dir, monkeypatch, capsys, quant):
+    """Both comparisons run end to end on the tiny text encoder (the --device the test machine has)."""
+    import sys
+
+    from bench import bench_text_encoder
+
+    argv = ["bench_text_encoder.py", "--config", str(fake_dir / "text_encoder" / "config.json")]
+    argv += [
+        "--tokenizer",
+        str(fake_dir / "tokenizer"),
+        "--dtype",
+        "float32",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    ]
+    argv += ["--device", "cpu", *(["--quant", quant] if quant else [])]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_text_encoder.main()
+    out = capsys.readouterr().out
+    if quant:
+        assert "int8 against float32" in out and "cosine" in out
+    else:
+        assert "ratio diffusers/kolors" in out
+        diff = float(re.search(r"max \|diff\|   : prompt_embeds (\S+)", out).group(1))
+        assert diff < 1e-4  # float32: the same embeddings as diffusers'
