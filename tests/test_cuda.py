@@ -18,6 +18,7 @@ from PIL import Image
 from kolors import KolorsPipeline, samplers
 from kolors.cli import main
 from kolors.quant import Int4Linear, Int8Linear
+from tests.test_pipeline import assert_close
 
 DEVICE = torch.device(os.environ.get("KOLORS_TEST_DEVICE", "cuda"))
 AVAILABLE = {
@@ -28,7 +29,6 @@ AVAILABLE = {
 pytestmark = pytest.mark.skipif(not AVAILABLE.get(DEVICE.type, False), reason=f"needs a {DEVICE.type} GPU")
 needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="uses CUDA's own API")
 
-TOL = 1e-3  # as on CPU: float32, same weights, same noise
 SIZE = dict(height=64, width=64)
 
 
@@ -80,13 +80,6 @@ def with_scheduler(ref, sampler: str, cls=None):
 
 def gen(seed: int, device="cpu") -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
-
-
-def assert_close(ours: np.ndarray, theirs: np.ndarray, tol: float = TOL) -> None:
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours - theirs).max()
-    assert diff <= tol, f"max |diff| {diff} > {tol}"
-    assert theirs.std() > 0.01  # a blank image would match anything
 
 
 # ---------------------------------------------------------------------------------------------------- parity

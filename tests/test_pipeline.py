@@ -47,10 +47,10 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def assert_close(ours: np.ndarray, theirs: np.ndarray) -> None:
+def assert_close(ours: np.ndarray, theirs: np.ndarray, tol: float = TOL) -> None:
     assert ours.shape == theirs.shape
     diff = np.abs(ours - theirs).max()
-    assert diff <= TOL, f"max |diff| {diff} > {TOL}"
+    assert diff <= tol, f"max |diff| {diff} > {tol}"
     assert theirs.std() > 0.01  # a blank image would match anything
 
 
