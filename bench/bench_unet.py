@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     flops_ref, flops_ours = count_flops(config, cfg, inputs, context)
     roof = 2 * MATMUL_N**3 / matmul.median
-    name = str(dtype).replace("torch.", "")
-    notes.append(f"{name} matmul {MATMUL_N}^3 (same runs, median): {roof / 1e12:.3f} TFLOP/s")
+    dtype_name = str(dtype).replace("torch.", "")
+    notes.append(f"{dtype_name} matmul {MATMUL_N}^3 (same runs, median): {roof / 1e12:.3f} TFLOP/s")
     notes.append(f"FLOPs per step: diffusers {flops_ref / 1e12:.3f} T, kolors {flops_ours / 1e12:.3f} T")
     for name, r in results.items():
         flops = flops_ref if name == "diffusers" else flops_ours
