@@ -119,6 +119,29 @@ def test_matches_diffusers_bfloat16(models):
     assert (actual.float() - expected.float()).abs().max().item() <= 2e-2 * scale
 
 
+@pytest.mark.parametrize("queries, keys, matmuls", [(96, 7, True), (256, 256, True), (257, 256, False)])
+def test_small_attention_matches_sdpa(monkeypatch, queries, keys, matmuls):
+    """Up to SMALL_ATTENTION_LOGITS per head the CPU fast path attends with plain matmuls, beyond it with SDPA;
+    switched on for float32 so that the matmul path's scale, bias and softmax are checked against SDPA at float32
+    precision, a (B, 1, 1, L) merged-pad bias as the UNet passes it."""
+    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw)
+    )
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, queries, 64, generator=g)
+    k, v = torch.randn(2, 3, keys, 64, generator=g), torch.randn(2, 3, keys, 64, generator=g)
+    bias = torch.zeros(2, 1, 1, keys)
+    bias[:, ..., 0] = math.log(254.0)
+    actual = unet.attention(q, k, v, bias)
+    assert bool(sdpa_calls) != matmuls
+    expected = sdpa(q, k, v, attn_mask=bias)
+    assert (actual - expected).abs().max().item() < 1e-5
+    assert (unet.attention(q, k, v) - sdpa(q, k, v)).abs().max().item() < 1e-5
+
+
 @pytest.mark.skipif(torch.bfloat16 not in FAST_CPU_DTYPES, reason="oneDNN's fused bf16 linear is unavailable")
 def test_fused_linears_match_diffusers_in_float32(models, monkeypatch):
     """The CPU fast path (bias, residual, GEGLU inside oneDNN matmuls; channels-last), switched on for
