@@ -1,12 +1,15 @@
 """Peak memory of one generation: diffusers, kolors, and kolors with memory="low", on the same folder.
 
     python bench/bench_memory.py --model /tmp/kolors-full              # 512x512, 2 steps, bf16, CPU
+    python bench/bench_memory.py --model /tmp/kolors-full --strength 0.5 --steps 4   # image-to-image
 
 Each side runs in its own fresh process: load the pipeline, then one text-to-image call (the seed prompt and
 an empty negative, classifier-free guidance, DPM-Solver++(2M) Karras, VAE decode). The number that counts is
 the process's peak resident set (VmHWM) over load and generation together; the peak of the generation alone
 (the high-water mark reset after loading) and the resident set right after loading are given too. The
 number of steps barely moves the peak, so the default is 2. Sides alternate when --repeats is above 1.
+With --strength, the call is image-to-image instead (diffusers' KolorsImg2ImgPipeline, made from the loaded
+pipeline): a fixed synthetic image of the same size is encoded by the VAE and denoised for strength x steps.
 
 Goal (issue 3): kolors with memory="low" peaks at most 40% of diffusers' peak, with the image identical to
 kolors' normal mode (checked here bit for bit).
@@ -34,15 +37,37 @@ from bench.bench_load import (  # noqa: E402
     module_bytes,
     quiet_diffusers,
 )
-from bench.common import SEED_PROMPT, GiB, alternate_children, format_bytes, peak_rss, reset_peak_rss, rss  # noqa: E402
+from bench.common import (  # noqa: E402
+    SEED_PROMPT,
+    GiB,
+    alternate_children,
+    format_bytes,
+    memory_total,
+    peak_rss,
+    reset_peak_rss,
+    rss,
+)
 
 SIDES = ("diffusers", "kolors", "kolors-low")
 GPU_SIDES = ("diffusers-offload",)  # diffusers with enable_model_cpu_offload(): on CUDA only
+DIFFUSERS = ("diffusers", "diffusers-offload")
 GOAL = 0.4  # kolors-low's peak / diffusers' peak
+TOTAL = memory_total()
+
+
+def init_image(size: int):
+    """The same smooth synthetic picture on every side: colour ramps and a disc (the values do not matter)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    disc = ((x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.1).astype(float)
+    rgb = np.stack([x, y, 0.5 * (1 - disc) + disc * (1 - x)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
 def generate(side: str, pipe, args) -> np.ndarray:
-    common = dict(
+    image = {} if args.strength is None else dict(image=init_image(args.size), strength=args.strength)
+    common = image | dict(
         prompt=args.prompt,
         negative_prompt="",
         height=args.size,
@@ -52,8 +77,10 @@ def generate(side: str, pipe, args) -> np.ndarray:
         output_type="np",
     )
     if side == "diffusers":
-        from diffusers import DPMSolverMultistepScheduler
+        from diffusers import DPMSolverMultistepScheduler, KolorsImg2ImgPipeline
 
+        if args.strength is not None:  # the same components, no copy
+            pipe = KolorsImg2ImgPipeline.from_pipe(pipe)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(
             pipe.scheduler.config, use_karras_sigmas=True
         )
@@ -119,9 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default=SEED_PROMPT)
     parser.add_argument("--keep-images", default=None, help="a folder to keep each side's image (.npy) in")
+    parser.add_argument(
+        "--strength", type=float, default=None, help="image-to-image of a synthetic image with this strength"
+    )
     args = parser.parse_args(argv)
     if args.side:
         return child(args)
+    if args.strength is not None and not (0 < args.strength <= 1 and int(args.steps * args.strength) >= 1):
+        parser.error(
+            "--strength must be in (0, 1] and leave a step: steps x strength >= 1, e.g. --steps 4 --strength 0.5"
+        )
     if not Path(args.model).is_dir():
         parser.error("--model must be a Kolors-diffusers folder, e.g. from: python bench/fake_weights.py DIR")
     argv = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -131,58 +165,79 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(args.keep_images or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         sides = SIDES + GPU_SIDES if torch.device(args.device).type == "cuda" else SIDES
-        runs = alternate_children(__file__, argv, sides, args.warmup, args.repeats, workdir)
-        images = {side: np.load(results[-1]["image"]) for side, results in runs.items()}
+        # diffusers may not fit the machine at all (killed by the OOM killer): that is a result too
+        runs = alternate_children(
+            __file__, argv, sides, args.warmup, args.repeats, workdir, may_die=DIFFUSERS
+        )
+        killed = {side: sum("killed" in r for r in rs) for side, rs in runs.items() if side in DIFFUSERS}
+        runs = {side: [r for r in rs if "killed" not in r] for side, rs in runs.items()}
+        images = {side: np.load(results[-1]["image"]) for side, results in runs.items() if results}
     in_files = file_weights_bytes(Path(args.model), dtype)
     notes = [
         f"{'weights':<13}: {format_bytes(in_files)} in {args.dtype} (all tensors of the files)",
         f"{'generation':<13}: {args.size}x{args.size}, {args.steps} steps dpmpp-2m Karras, guidance "
-        f"{args.guidance:g}, seed prompt + empty negative, seed {args.seed}",
+        f"{args.guidance:g}, seed prompt + empty negative, seed {args.seed}"
+        + ("" if args.strength is None else f"; image-to-image, strength {args.strength:g}"),
     ]
     lines = header("peak memory of one generation (load + generate)", args, dtype, notes)
     lines.append(
         f"{'':<17} {'peak RSS':>10} {'after load':>11} {'gen. peak':>10} {'kept':>10} {'load':>8} {'generate':>9}"
     )
-    peaks = {}
     for side, results in runs.items():
-        peaks[side] = statistics.median(r["peak"] for r in results)
+        if not results:
+            lines.append(
+                f"{side:<17} killed in every run, by the OOM killer (more than {format_bytes(TOTAL)})"
+            )
+            continue
         r = results[-1]
         gen_peak = format_bytes(r["generation_peak"]) if r["generation_peak"] is not None else "n/a"
         lines.append(
-            f"{side:<17} {format_bytes(peaks[side]):>10} {format_bytes(r['after_load']):>11} {gen_peak:>10} "
+            f"{side:<17} {format_bytes(statistics.median(r['peak'] for r in results)):>10} "
+            f"{format_bytes(r['after_load']):>11} {gen_peak:>10} "
             f"{format_bytes(r['kept']):>10} {r['load_seconds']:>7.1f}s {r['seconds']:>8.1f}s"
         )
-    same = np.array_equal(images["kolors-low"], images["kolors"])
-    peak, kind = peaks, "peak RSS"
-    if "gpu_peak" in runs["kolors"][-1]:
-        peak, kind = {s: statistics.median(r["gpu_peak"] for r in rs) for s, rs in runs.items()}, "GPU peak"
+    lines += [f"{side}: killed in {n} of {n + len(runs[side])} runs" for side, n in killed.items() if n]
+    kind, key = ("GPU peak", "gpu_peak") if "gpu_peak" in runs["kolors"][-1] else ("peak RSS", "peak")
+    peak = {side: statistics.median(r[key] for r in rs) if rs else None for side, rs in runs.items()}
+    if key == "gpu_peak":
         lines += [
             "",
             f"{'':<17} {'GPU peak':>10} {'after load':>11} {'gen. peak':>10}   (torch max allocated)",
         ]
-        for side, results in runs.items():
-            r = results[-1]
-            lines.append(
-                f"{side:<17} {format_bytes(peak[side]):>10} {format_bytes(r['gpu_after_load']):>11} "
-                f"{format_bytes(r['gpu_generation_peak']):>10}"
-            )
-    # The goal is on the memory a generation runs out of: the host's on a CPU, the card's on a GPU.
-    ratio = peak["kolors-low"] / peak["diffusers"]
+        lines += [
+            f"{side:<17} {format_bytes(peak[side]):>10} {format_bytes(rs[-1]['gpu_after_load']):>11} "
+            f"{format_bytes(rs[-1]['gpu_generation_peak']):>10}"
+            for side, rs in runs.items()
+            if rs
+        ]
+    # The goal is on the memory a generation runs out of: the host's on a CPU, the card's on a GPU. A
+    # diffusers side that was killed needed more than the machine has, so the machine bounds the ratio.
+    if not peak["diffusers"] and key == "gpu_peak":
+        raise SystemExit("diffusers was killed on the host: no GPU peak to compare with")
+    same = np.array_equal(images["kolors-low"], images["kolors"])
+    diffusers, bound = (peak["diffusers"], "") if peak["diffusers"] else (TOTAL, "< ")
+    ratio = peak["kolors-low"] / diffusers
     offload = peak.get("diffusers-offload")
     lines += [
         "",
-        f"{kind}: kolors-low / diffusers {ratio:.2f} (goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'}); "
-        f"kolors / diffusers: {peak['kolors'] / peak['diffusers']:.2f}"
+        f"{kind}: kolors-low / diffusers {bound}{ratio:.2f} (goal <= {GOAL}: "
+        f"{'met' if ratio <= GOAL else 'NOT met'}); kolors / diffusers: {bound}{peak['kolors'] / diffusers:.2f}"
         + (f"; kolors-low / diffusers-offload: {peak['kolors-low'] / offload:.2f}" if offload else ""),
         f"low-memory image identical to normal mode: {same} (max abs diff "
-        f"{np.abs(images['kolors-low'] - images['kolors']).max():.3g}); kolors vs diffusers max abs diff "
-        f"{np.abs(images['kolors'] - images['diffusers']).max():.3g}",
+        f"{np.abs(images['kolors-low'] - images['kolors']).max():.3g})"
+        + (
+            f"; kolors vs diffusers max abs diff {np.abs(images['kolors'] - images['diffusers']).max():.3g}"
+            if "diffusers" in images
+            else ""
+        ),
     ]
     print("\n".join(lines), flush=True)
+    what = "generation" if args.strength is None else "image-to-image"
     print(
-        f"| {kind} {args.size}px generation, {args.dtype} | {peak['diffusers'] / GiB:.2f} GiB | "
-        f"{peak['kolors'] / GiB:.2f} GiB | {peak['kolors-low'] / GiB:.2f} GiB | {ratio:.2f} (<= {GOAL}) | "
-        f"{'identical' if same else 'DIFFERENT'} |"
+        f"| {kind} {args.size}px {what}, {args.dtype} | "
+        + (f"{peak['diffusers'] / GiB:.2f} GiB" if peak["diffusers"] else f"killed (> {TOTAL / GiB:.1f} GiB)")
+        + f" | {peak['kolors'] / GiB:.2f} GiB | {peak['kolors-low'] / GiB:.2f} GiB | {bound}{ratio:.2f} (<= {GOAL})"
+        f" | {'identical' if same else 'DIFFERENT'} |"
     )
 
 

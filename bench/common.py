@@ -18,11 +18,12 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, str]:
     info = {
         "cpu": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "cpu features": cpu_features(),
-        "memory": f"{_meminfo_total() / GiB:.1f} GiB",
+        "memory": f"{memory_total() / GiB:.1f} GiB",
         # Other work on the machine slows both sides alike (they alternate) but widens the spread of runs.
         "load average": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
         "torch": torch.__version__,
@@ -93,7 +94,8 @@ def _meminfo(field_name: str) -> int:
     return 0
 
 
-def _meminfo_total() -> int:
+def memory_total() -> int:
+    """The machine's memory (MemTotal), 0 where /proc/meminfo is not."""
     return _meminfo("MemTotal")
 
 
@@ -332,8 +334,12 @@ def can_drop_page_cache() -> bool:
 
 
 def run_child(script: str, argv: list[str], side: str, out: Path) -> dict:
-    """Run `script --side SIDE` in a fresh Python; it writes its result as JSON to `out`."""
-    subprocess.run([sys.executable, script, *argv, "--side", side, "--child-output", str(out)], check=True)
+    """Run `script --side SIDE` in a fresh Python; it writes its result as JSON to `out`. A child killed by a
+    signal (the kernel's OOM killer sends SIGKILL) gives {"killed": "SIGKILL"} instead; an error raises."""
+    done = subprocess.run([sys.executable, script, *argv, "--side", side, "--child-output", str(out)])
+    if done.returncode < 0:
+        return {"killed": signal.Signals(-done.returncode).name}
+    done.check_returncode()
     return json.loads(out.read_text())
 
 
@@ -345,14 +351,18 @@ def alternate_children(
     repeats: int,
     workdir: Path,
     before: Callable[[], None] = lambda: None,
+    may_die: Collection[str] = (),
 ) -> dict[str, list[dict]]:
     """Each side `warmup` untimed then `repeats` timed times, each in a new process (writing into `workdir`),
-    the order flipping every round so neither side always follows the other; `before()` runs before each."""
+    the order flipping every round so neither side always follows the other; `before()` runs before each.
+    A side in `may_die` that is killed (out of memory) has {"killed": SIGNAL} for that run; any other stops it all."""
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(warmup + repeats):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
             before()
             result = run_child(script, argv, side, workdir / f"{side}-{round_}.json")
+            if "killed" in result and side not in may_die:
+                raise SystemExit(f"{side} was killed by {result['killed']} (out of memory? see dmesg)")
             label = "warm-up" if round_ < warmup else f"run {round_ - warmup + 1}/{repeats}"
             print(f"  {side:<12} {label:<10} {json.dumps(result)}", file=sys.stderr, flush=True)
             if round_ >= warmup:

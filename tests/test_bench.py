@@ -10,6 +10,7 @@ import mmap
 import re
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,57 @@ def test_generate_in_alternating_processes(fake_dir, capsys):
     }
     assert len(rows["diffusers"]) >= 3 and len(rows["kolors"]) >= 3  # the median, then two runs each
     assert float(re.search(r"max abs diff ([0-9.e-]+)", out).group(1)) < 1e-3
+
+
+def test_memory_image_to_image_on_fake_weights(fake_dir, capsys, tmp_path):
+    """bench_memory --strength: every side runs image-to-image from the same picture in its own process; the
+    low-memory image equals the normal one, kolors' equals diffusers' (float32), and both differ from the
+    text-to-image run's (the picture was used)."""
+    from bench.bench_memory import main
+
+    args = ["--model", str(fake_dir), "--size", "64", "--steps", "4", "--dtype", "float32", "--keep-images"]
+    main(args + [str(tmp_path / "i2i"), "--strength", "0.5"])
+    out = capsys.readouterr().out
+    assert "image-to-image, strength 0.5" in out
+    assert "low-memory image identical to normal mode: True" in out
+    assert float(re.search(r"kolors vs diffusers max abs diff ([0-9.e-]+)", out).group(1)) < 1e-3
+    main(args + [str(tmp_path / "t2i")])
+    for side in ("diffusers", "kolors"):
+        i2i, t2i = (np.load(tmp_path / kind / f"{side}-0.npy") for kind in ("i2i", "t2i"))
+        assert np.abs(i2i - t2i).max() > 0.05
+    with pytest.raises(SystemExit):  # 2 x 0.3 leaves no step
+        main(["--model", str(fake_dir), "--steps", "2", "--strength", "0.3"])
+
+
+def test_child_killed_by_a_signal_is_reported(tmp_path):
+    """A child the OOM killer ends (SIGKILL) is a result for a side allowed to die, and a clear stop otherwise."""
+    script = tmp_path / "die.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert common.run_child(str(script), [], "diffusers", tmp_path / "out.json") == {"killed": "SIGKILL"}
+    runs = common.alternate_children(str(script), [], ["diffusers"], 0, 2, tmp_path, may_die=["diffusers"])
+    assert runs == {"diffusers": [{"killed": "SIGKILL"}] * 2}
+    with pytest.raises(SystemExit, match="kolors was killed by SIGKILL"):
+        common.alternate_children(str(script), [], ["kolors"], 0, 1, tmp_path)
+
+
+def test_memory_reports_a_killed_diffusers_against_the_machine(fake_dir, capsys, monkeypatch):
+    """When diffusers does not fit (killed), bench_memory still reports kolors' sides, bounding the ratio by
+    the machine's memory."""
+    import bench.bench_memory as bench_memory
+
+    real = bench_memory.alternate_children
+
+    def diffusers_killed(script, argv, sides, *args, **kwargs):
+        runs = real(script, argv, [s for s in sides if s != "diffusers"], *args, **kwargs)
+        return {"diffusers": [{"killed": "SIGKILL"}]} | runs
+
+    monkeypatch.setattr(bench_memory, "alternate_children", diffusers_killed)
+    bench_memory.main(["--model", str(fake_dir), "--size", "64", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "diffusers         killed in every run, by the OOM killer" in out
+    assert "diffusers: killed in 1 of 1 runs" in out
+    assert re.search(r"kolors-low / diffusers < 0\.\d\d \(goal <= 0.4: met\)", out)
+    assert "low-memory image identical to normal mode: True" in out and "killed (> " in out
 
 
 def test_vae_decode_matches_on_fake_weights(fake_dir, capsys):
