@@ -78,10 +78,11 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        # In place on tensors made here, the same values: at 512 px the decoder's activations are 64-128 MB, and
+        # each new one is fresh pages the kernel must clear (full size, bf16, CPU: decode 6.47 s instead of 6.80).
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Attention(nn.Module):
