@@ -2,7 +2,7 @@
 
 Both sides encode the seed prompt and an empty negative, tokenized to 256 as the pipelines do: diffusers in
 two calls of 256 rows each (as its encode_prompt does), kolors in one call on 31 packed rows (the pad collapse
-of kolors.text_encoder.pack_prompts). The two models share one set of weight tensors, so the process holds
+of kolors.models.text_encoder.pack_prompts). The two models share one set of weight tensors, so the process holds
 the weights once: about 12.5 GB at full size in bf16 (diffusers' unused LM head included), plus a few
 hundred MB of activations. Random weights are drawn in place in the target dtype, one tensor at a time.
 
@@ -91,7 +91,7 @@ def build_reference(config: dict, dtype: torch.dtype, seed: int, device: torch.d
 def build_ours(config: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """kolors' ChatGLMModel on the given weight tensors (assigned, nothing copied), or on the meta device."""
     from kolors.config import from_dict
-    from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+    from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 
     with torch.device("meta"):
         model = ChatGLMModel(from_dict(TextEncoderConfig, config))
@@ -113,8 +113,8 @@ def main() -> None:
     full_config = json.loads(args.config.read_text())
     config = {**full_config, "num_layers": args.layers or full_config["num_layers"]}
 
-    from kolors.text_encoder import pack_prompts
-    from kolors.tokenizer import ChatGLMTokenizer
+    from kolors.models.text_encoder import pack_prompts
+    from kolors.models.tokenizer import ChatGLMTokenizer
 
     tokenizer = ChatGLMTokenizer.from_pretrained(args.tokenizer)
     tokens = tokenizer([SEED_PROMPT, ""], max_length=256)
@@ -189,7 +189,7 @@ def main() -> None:
 
 def compare_quantized(args, config, full_config, dtype, device, tokenizer, shapes) -> None:
     """kolors in `dtype` against kolors with the `--quant` text encoder, on the same random weights."""
-    from kolors.quant import nbytes, quantize_text_encoder
+    from kolors.models.quant import nbytes, quantize_text_encoder
 
     plain = build_ours(config)
     plain = plain.to(dtype).to_empty(device=device)
@@ -249,23 +249,17 @@ def compare_quantized(args, config, full_config, dtype, device, tokenizer, shape
 def load_one(args, dtype: torch.dtype) -> None:
     """Worker: load the text encoder once the --load-one way, print its seconds and peak RSS as JSON."""
     from bench.common import peak_rss, reset_peak_rss
-    from kolors.quant import load_quantized, nbytes, quantize_text_encoder
-    from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
-    from kolors.weights import Checkpoint, weight_files
+    from kolors.components import load_text_encoder
+    from kolors.models.quant import nbytes, quantize_text_encoder
 
     folder = args.load / "text_encoder"
     variant = "fp16" if any(folder.glob("*.fp16*")) else None
-    checkpoint = Checkpoint(weight_files(folder, variant), checkpoint_keys_transform)
-    with torch.device("meta"):
-        model = ChatGLMModel(TextEncoderConfig.from_json(folder))
     start_rss, _ = rss(), reset_peak_rss()
     start = time.perf_counter()
-    if args.load_one == "quantize-while-loading":
-        load_quantized(model, checkpoint, args.quant, dtype=dtype, device="cpu")
-    else:
-        checkpoint.load(model, dtype=dtype, device="cpu")
-        if args.load_one == "load-then-quantize":
-            quantize_text_encoder(model, args.quant)
+    quant = args.quant if args.load_one == "quantize-while-loading" else None
+    model = load_text_encoder(folder, dtype=dtype, device="cpu", variant=variant, quant=quant)
+    if args.load_one == "load-then-quantize":
+        quantize_text_encoder(model, args.quant)
     seconds = time.perf_counter() - start
     print(json.dumps(dict(seconds=seconds, peak=peak_rss() - start_rss, model=nbytes(model))))
 

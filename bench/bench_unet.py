@@ -78,7 +78,7 @@ def build_models(config: dict, dtype: torch.dtype, device: torch.device):
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
     from kolors.config import from_dict
-    from kolors.unet import UNet2DConditionModel, UNetConfig
+    from kolors.models.unet import UNet2DConditionModel, UNetConfig
     from kolors.weights import build_on_meta
 
     with torch.device("meta"):
@@ -110,7 +110,7 @@ def pad_counts(prompts: list[str], tokens: int) -> list[int]:
     path = REFERENCE / "tokenizer"
     if not (path / "tokenizer.model").is_file():
         return [tokens - 2, tokens - 29][: len(prompts)]
-    from kolors.tokenizer import ChatGLMTokenizer
+    from kolors.models.tokenizer import ChatGLMTokenizer
 
     mask = ChatGLMTokenizer.from_pretrained(path)(prompts, max_length=tokens).attention_mask
     return [int(tokens - m.sum()) for m in mask]
@@ -164,7 +164,7 @@ def count_flops(config: dict, cfg, inputs: dict, context) -> tuple[int, int]:
     """FLOPs of one step of each side, counted on meta copies (nothing computed)."""
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
-    from kolors.unet import ContextCache, UNet2DConditionModel
+    from kolors.models.unet import ContextCache, UNet2DConditionModel
 
     meta = {k: v.to("meta") for k, v in inputs.items()}
     cache = ContextCache(
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{list(cfg.transformer_depth)}, {sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters"
         f" ({format_bytes(sum(p.nbytes for p in ours.parameters()))})"
     )
-    from kolors.unet import FAST_CPU_DTYPES, UNet2DConditionModel
+    from kolors.models.layers import FAST_CPU_DTYPES, pack_weights
+    from kolors.models.unet import UNet2DConditionModel
     from kolors.weights import build_on_meta
 
     def copy_of_ours():  # sharing diffusers' tensors
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         fns["kolors-unpacked"] = kolors_step(copy_of_ours(), inputs, context)
     # What the pipeline runs: on the CPU fast path, weights packed once for oneDNN (their own copy).
     if device.type == "cpu" and dtype in FAST_CPU_DTYPES:
-        ours.pack_weights()
+        pack_weights(ours)
         shapes += "; kolors' weights packed for oneDNN (a copy), the rest shared by all sides"
     else:
         shapes += "; one copy shared by both sides"

@@ -23,14 +23,11 @@ from bench.common import add_common_args, alternate, report, setup  # noqa: E402
 def load_both(folder: Path, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL as DiffusersVAE
 
-    from kolors.config import load_config
-    from kolors.vae import AutoencoderKL, VAEConfig
-    from kolors.weights import build_on_meta, load_weights, weight_files
+    from kolors.components import load_vae
 
     variant = "fp16" if any(folder.glob("*.fp16.safetensors")) else None
     ref = DiffusersVAE.from_pretrained(folder, variant=variant, torch_dtype=dtype).to(device).eval()
-    ours = build_on_meta(lambda: AutoencoderKL(load_config(VAEConfig, folder / "config.json")))
-    load_weights(ours, weight_files(folder, variant), dtype=dtype, device=device)
+    ours = load_vae(folder, dtype=dtype, device=device, variant=variant)
     return ref.requires_grad_(False), ours.eval().requires_grad_(False)
 
 

@@ -1,6 +1,32 @@
-"""kolors: a lean PyTorch engine for the Kolors text-to-image model."""
+"""kolors: a lean PyTorch engine for the Kolors text-to-image model.
 
-from kolors.errors import KolorsError
-from kolors.pipeline import KolorsPipeline, KolorsPipelineOutput, PromptEmbeds
+The public names are imported on first use, so that `import kolors.samplers` (or any light module) does not
+load the whole engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __all__ = ["KolorsError", "KolorsPipeline", "KolorsPipelineOutput", "PromptEmbeds"]
+_WHERE = {
+    "KolorsError": "kolors.errors",
+    "KolorsPipeline": "kolors.pipeline",
+    "KolorsPipelineOutput": "kolors.pipeline",
+    "PromptEmbeds": "kolors.pipeline",
+}
+
+if TYPE_CHECKING:
+    from kolors.errors import KolorsError
+    from kolors.pipeline import KolorsPipeline, KolorsPipelineOutput, PromptEmbeds
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'kolors' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 from pathlib import Path
 
 from kolors.errors import KolorsError
-from kolors.weights import DEFAULT_REPO
+from kolors.pipeline import DEFAULT_REPO
 
 EXIT_BAD_INPUT = 2
 
@@ -197,11 +196,9 @@ def batch(args: argparse.Namespace) -> int:
 
 
 def download(args: argparse.Namespace) -> int:
-    from kolors.weights import check_model_folder, resolve_model
+    from kolors.pipeline import KolorsPipeline
 
-    root = resolve_model(args.model, variant=args.variant)
-    check_model_folder(root)
-    print(root)
+    print(KolorsPipeline.resolve(args.model, variant=args.variant))
     return 0
 
 
@@ -219,25 +216,24 @@ def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from kolors.pipeline import MAX_SEED, KolorsPipeline, load_image
+    from kolors.pipeline import KolorsPipeline, load_image
     from kolors.request import GenerationRequest, save_png
 
-    seed = args.seed if args.seed is not None else random.randint(0, MAX_SEED - args.num_images)
-    image = load_image(args.image) if args.image else None
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         guidance=float(args.guidance),
         sampler=args.sampler,
-        seed=seed,
+        seed=args.seed,
         width=args.width,
         height=args.height,
         num_images=args.num_images,
-        image=image,
+        image=load_image(args.image) if args.image else None,
         strength=args.strength,
     )
-    request.validate()
+    request = request.validate().with_seed()
+    seed = request.seed
     paths = output_paths(args.output, seed, args.num_images)
 
     pipe = KolorsPipeline.from_pretrained(
@@ -250,7 +246,7 @@ def generate(args: argparse.Namespace) -> int:
         compile=bool(args.compile),
     )
     pipe.set_progress_bar_config(disable=args.quiet)
-    for (img, img_seed), path in zip(request.run(pipe), paths, strict=True):
+    for (img, img_seed), path in zip(pipe.generate(request), paths, strict=True):
         save_png(img, path, request.infotext(img_seed, pipe.label, size=img.size))
         print(f"{path}  (seed {img_seed})")
     return 0
@@ -259,7 +255,7 @@ def generate(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Check the options, load the model, then listen: a bad option or model fails before the port is taken."""
     try:
-        from kolors.server import ServerConfig, check_bind, run
+        from kolors.serve import ServerConfig, check_bind, run
     except ImportError as e:
         raise KolorsError(
             f"kolors serve needs the server extra ({e.name} is missing): pip install 'kolors[server]'"

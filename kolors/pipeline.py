@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,27 +21,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kolors import samplers
+from kolors.components import load_text_encoder, load_unet, load_vae, vae_dtype
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
-from kolors.memory import PromptCache, on_device, parse_memory, prompt_cache_size, stream_weights
+from kolors.memory import PromptCache, parse_memory, prompt_cache_size
+from kolors.models.layers import FAST_CPU_DTYPES
+from kolors.models.quant import parse_quant, quant_of
+from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig
+from kolors.models.tokenizer import ChatGLMTokenizer
+from kolors.models.unet import UNet2DConditionModel, UNetConfig
+from kolors.models.vae import AutoencoderKL, VAEConfig, sample_latent
 from kolors.noise import randn
-from kolors.quant import load_quantized, parse_quant, quant_of
-from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
-from kolors.tokenizer import ChatGLMTokenizer
-from kolors.unet import FAST_CPU_DTYPES, UNet2DConditionModel, UNetConfig
-from kolors.vae import AutoencoderKL, VAEConfig, sample_latent
-from kolors.weights import (
-    DEFAULT_REPO,
-    Checkpoint,
-    build_on_meta,
-    check_model_folder,
-    load_weights,
-    resolve_model,
-    weight_files,
-)
+from kolors.request import GenerationRequest, check_seed, check_size, check_values, random_seed
+from kolors.weights import DEFAULT_REPO, check_model_folder, on_device, resolve_model
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +46,11 @@ class PromptEmbeds:
     pooled: torch.Tensor  # (B, H): last layer at the last position
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
+    # Left pads per row (host ints), from the tokenizer: a row's pad states are identical, and the UNet merges
+    # them into one key (kolors.models.unet.merge_leading_repeats) without reading the states back to find them.
+    # None: unknown (embeddings made elsewhere), so the UNet looks for them.
+    pads: tuple[int, ...] | None = None
+    negative_pads: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -142,7 +140,7 @@ class KolorsPipeline:
         self.memory = parse_memory(memory)
         self.prompt_cache = PromptCache(prompt_cache_size(self.memory, prompt_cache))
         # Low memory on a GPU: the models loaded into host memory visit the device for their stage only (a
-        # streamed text encoder, its weights on the meta device, brings its layers itself: kolors.memory).
+        # streamed text encoder, its weights on the meta device, brings its layers itself: kolors.weights.stream).
         parking = self.memory == "low" and device.type != "cpu"
         self._parked = [m for m in (text_encoder, unet, vae) if parking and _device_of(m).type == "cpu"]
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -168,7 +166,7 @@ class KolorsPipeline:
         compile: bool = False,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
-        `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.quant), experimental.
+        `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.models.quant), experimental.
         `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays."""
         text_encoder_quant = parse_quant(text_encoder_quant)
         memory = parse_memory(memory)
@@ -180,33 +178,31 @@ class KolorsPipeline:
         )
         check_model_folder(root)
 
-        te_config = load_config(TextEncoderConfig, root / "text_encoder" / "config.json")
-        unet_config = load_config(UNetConfig, root / "unet" / "config.json")
-        vae_config = load_config(VAEConfig, root / "vae" / "config.json")
+        # Configs first: a bad one fails before any weight is read.
+        for component, cls_ in (
+            ("text_encoder", TextEncoderConfig),
+            ("unet", UNetConfig),
+            ("vae", VAEConfig),
+        ):
+            load_config(cls_, root / component / "config.json")
         scheduler_config = load_config(samplers.SchedulerConfig, root / "scheduler" / "scheduler_config.json")
-        # The SDXL VAE overflows in fp16: like diffusers' force_upcast, it runs in fp32 when the model is fp16.
-        vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.force_upcast else dtype
 
         # memory="low": the text encoder is streamed a layer at a time (unless quantized: that one stays, small),
         # and on a GPU the UNet and VAE load into host memory, visiting the device for their stage.
         low = memory == "low"
-        text_encoder = build_on_meta(lambda: ChatGLMModel(te_config))
-        te_checkpoint = Checkpoint(weight_files(root / "text_encoder", variant), checkpoint_keys_transform)
-        if text_encoder_quant is not None:  # quantized matrix by matrix as it loads
-            load_quantized(text_encoder, te_checkpoint, text_encoder_quant, dtype=dtype, device=device)
-        elif low:
-            stream_weights(text_encoder, te_checkpoint, dtype=dtype, device=device)
-        else:
-            te_checkpoint.load(text_encoder, dtype=dtype, device=device)
+        text_encoder = load_text_encoder(
+            root / "text_encoder",
+            dtype=dtype,
+            device=device,
+            variant=variant,
+            quant=text_encoder_quant,
+            stream=low and text_encoder_quant is None,
+        )
         host = torch.device("cpu") if low else device
-        unet = build_on_meta(lambda: UNet2DConditionModel(unet_config))
-        # Packed for oneDNN as it loads on the CPU fast path; under torch.compile Inductor packs its own.
-        pack = unet.packer() if device.type == "cpu" and dtype in FAST_CPU_DTYPES and not compile else None
-        load_weights(unet, weight_files(root / "unet", variant), dtype=dtype, device=host, loaded=pack)
-        vae = build_on_meta(lambda: AutoencoderKL(vae_config))
-        load_weights(vae, weight_files(root / "vae", variant), dtype=vae_dtype, device=host)
-        for module in (text_encoder, unet, vae):
-            module.eval().requires_grad_(False)
+        # Packed for oneDNN on the CPU fast path; under torch.compile Inductor packs its own.
+        pack = device.type == "cpu" and dtype in FAST_CPU_DTYPES and not compile
+        unet = load_unet(root / "unet", dtype=dtype, device=host, variant=variant, pack=pack)
+        vae = load_vae(root / "vae", dtype=vae_dtype(root / "vae", dtype), device=host, variant=variant)
         if compile:  # torch.compile scoped to the UNet, the per-step callable; the first step compiles it
             unet.compile()
 
@@ -232,8 +228,21 @@ class KolorsPipeline:
         quant = self.text_encoder_quant
         return self.name if quant is None else f"{self.name} (text encoder {quant})"
 
+    @property
+    def native_size(self) -> int:
+        """The side, in pixels, the model was trained at: the default width and height."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
+
+    @staticmethod
+    def resolve(model: str | os.PathLike = DEFAULT_REPO, variant: str | None = None) -> Path:
+        """The checked local folder of `model`: a folder as it is, a hub repo downloaded into the cache first
+        (only the files `variant` needs). What `kolors download` runs; from_pretrained does the same."""
+        root = resolve_model(model, variant=variant)
+        check_model_folder(root)
+        return root
 
     # ------------------------------------------------------------------------------------------------ prompts
 
@@ -268,12 +277,36 @@ class KolorsPipeline:
                 tokens.position_ids.to(self.device),
             )
         n = len(prompts)
+        pads = tuple((tokens.attention_mask.shape[1] - tokens.attention_mask.sum(dim=1)).tolist())  # host
         if negatives is None:
-            result = PromptEmbeds(embeds, pooled)
+            result = PromptEmbeds(embeds, pooled, pads=pads)
         else:
-            result = PromptEmbeds(embeds[:n], pooled[:n], embeds[n:], pooled[n:])
+            result = PromptEmbeds(embeds[:n], pooled[:n], embeds[n:], pooled[n:], pads[:n], pads[n:])
         self.prompt_cache.put(key, result)
         return result
+
+    def encode_texts(self, prompts: Sequence[str], negatives: Sequence[str] | None = None) -> PromptEmbeds:
+        """As encode_prompt, for many prompts that share texts (a batch, whose negatives are mostly the same):
+        each text is looked up in the prompt cache on its own and the missing ones are encoded in one call. The
+        encoder sees each row on its own (padded to the same length), so this changes no image beyond float
+        rounding."""
+        texts = list(dict.fromkeys([*prompts, *(negatives or [])]))
+        rows = {t: self.prompt_cache.get(("text", t, self.name, self.dtype)) for t in texts}
+        missing = [t for t, row in rows.items() if row is None]
+        if missing:
+            e = self.encode_prompt(missing, negative_prompt=None)
+            for i, t in enumerate(missing):  # copies: a row must not keep the whole call's tensor alive
+                rows[t] = (e.prompt_embeds[i : i + 1].clone(), e.pooled[i : i + 1].clone(), e.pads[i])
+                self.prompt_cache.put(("text", t, self.name, self.dtype), rows[t])
+
+        def stack(ts: Sequence[str]) -> tuple:
+            embeds, pooled, pads = zip(*(rows[t] for t in ts), strict=True)
+            return torch.cat(embeds), torch.cat(pooled), pads
+
+        (embeds, pooled, pads), negative = stack(prompts), negatives and stack(negatives)
+        if not negative:
+            return PromptEmbeds(embeds, pooled, pads=pads)
+        return PromptEmbeds(embeds, pooled, negative[0], negative[1], pads, negative[2])
 
     def _stage(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Where `module` runs for one stage: on the device as it is, or moved there from host memory and
@@ -305,14 +338,17 @@ class KolorsPipeline:
         image on any device. `callback(step, num_steps, latents)` runs after each step; raising from it stops
         the generation."""
         cfg = guidance_scale > 1.0
-        validate(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+        check_values(
+            steps=num_inference_steps,
+            guidance=guidance_scale,
             sampler=sampler,
             strength=strength,
-            num_images_per_prompt=num_images_per_prompt,
-            output_type=output_type,
+            num_images=num_images_per_prompt,
         )
+        if output_type not in OUTPUT_TYPES:
+            raise KolorsError(
+                f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}"
+            )
         if prompt_embeds is None:
             if prompt is None:
                 raise KolorsError("no prompt given; pass prompt='...' (or prompt_embeds from encode_prompt)")
@@ -322,16 +358,18 @@ class KolorsPipeline:
                 "prompt_embeds has no negative embeddings but guidance_scale > 1; encode them too"
             )
         batch = prompt_embeds.batch_size * num_images_per_prompt
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        default_size = self.native_size
         # diffusers' image-to-image conditions on the requested size (default 1024x1024) even when the image,
         # which sets the output size, has another: kept, so the same call gives the same image.
         size_ids = (height or default_size, width or default_size)
         if image is None:
             height, width = size_ids
-            validate_size(height, width, max(8, self.vae_scale_factor))
+            check_size(width, height, multiple=max(8, self.vae_scale_factor))
         else:
             if height is not None or width is not None:
-                validate_size(height or default_size, width or default_size, max(8, self.vae_scale_factor))
+                check_size(
+                    width or default_size, height or default_size, multiple=max(8, self.vae_scale_factor)
+                )
             init = self._load_image(image, height, width)
             height, width = init.shape[-2:]
         generator, seeds = _generators(generator, seed, batch)
@@ -378,6 +416,13 @@ class KolorsPipeline:
             images = self._decode(x, output_type)
         return KolorsPipelineOutput(images=images, seeds=seeds)
 
+    def generate(
+        self, request: GenerationRequest, callback: Callable[[int, int, torch.Tensor], None] | None = None
+    ) -> list[tuple[Image.Image, int]]:
+        """Make what `request` asks for: (image, seed) pairs, image i seeded by seed + i so each one reproduces
+        on its own (a request without a seed draws one). An init image sets the output size."""
+        return generate(self, request, callback)
+
     def _denoiser(
         self, embeds: PromptEmbeds, n: int, guidance_scale: float, sigmas, timesteps, size: tuple[int, int]
     ):
@@ -393,8 +438,12 @@ class KolorsPipeline:
 
         context = rows(embeds.prompt_embeds, embeds.negative_prompt_embeds)
         pooled = rows(embeds.pooled, embeds.negative_pooled)
+        pads = None
+        if embeds.pads is not None and (not cfg or embeds.negative_pads is not None):
+            pads = [p for p in embeds.pads for _ in range(n)]  # in the rows' order
+            pads = [p for p in embeds.negative_pads for _ in range(n)] + pads if cfg else pads
         # Cross-attention keys and values depend on the text alone: computed here once, pads merged.
-        context = self.unet.prepare_context(context)
+        context = self.unet.prepare_context(context, pads=pads)
         # diffusers' size conditioning: original size, crop top-left (0, 0), target size.
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype, device=self.device)
         time_ids = time_ids.repeat(pooled.shape[0], 1)
@@ -458,52 +507,31 @@ class KolorsPipeline:
         return [Image.fromarray(a) for a in (image * 255).round().astype("uint8")]
 
 
+def generate(
+    pipe: KolorsPipeline,
+    request: GenerationRequest,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> list[tuple[Image.Image, int]]:
+    """KolorsPipeline.generate, for anything that is called like a pipeline (the server's workers wrap theirs)."""
+    request = request.validate().with_seed()
+    out = pipe(
+        request.prompt,
+        negative_prompt=request.negative_prompt,
+        height=None if request.image else request.height,
+        width=None if request.image else request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        sampler=request.sampler,
+        seed=request.seeds,
+        num_images_per_prompt=request.num_images,
+        image=request.image,
+        strength=request.strength,
+        callback=callback,
+    )
+    return list(zip(out.images, out.seeds, strict=True))
+
+
 # -------------------------------------------------------------------------------------------------- checks
-
-
-def validate(
-    *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    sampler: str,
-    strength: float,
-    num_images_per_prompt: int,
-    output_type: str = "pil",
-) -> None:
-    """The request checks shared by the Python API, the CLI and the server: one clear line each."""
-    if (
-        not isinstance(num_inference_steps, int)
-        or isinstance(num_inference_steps, bool)
-        or num_inference_steps < 1
-    ):
-        raise KolorsError(f"steps must be a whole number of at least 1, not {num_inference_steps!r}")
-    if (
-        not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise KolorsError(
-            f"guidance scale must be a finite number >= 0, not {guidance_scale!r} (5.0 is typical)"
-        )
-    if sampler not in samplers.SAMPLERS:
-        raise KolorsError(f"unknown sampler {sampler!r}; choose one of: {', '.join(samplers.SAMPLERS)}")
-    if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise KolorsError(f"strength must be between 0 and 1, not {strength!r} (0.3 keeps most of the image)")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise KolorsError(f"number of images must be at least 1, not {num_images_per_prompt!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise KolorsError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
-
-
-def validate_size(height: int, width: int, multiple: int = 8) -> None:
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < multiple:
-            raise KolorsError(f"{name} must be a whole number of at least {multiple} pixels, not {value!r}")
-        if value % multiple:
-            low = value - value % multiple
-            raise KolorsError(
-                f"{name} {value} is not a multiple of {multiple}; use {low} or {low + multiple}"
-            )
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -531,8 +559,9 @@ def _as_prompt_list(prompt, name: str, n: int | None = None) -> list[str]:
 
 
 def _generators(generator, seed, batch: int):
-    """The generator(s) for a call and the seed(s) that made them. Without either, a random seed is drawn so
-    every image can be reproduced."""
+    """The generator(s) for a call and the seed(s) that made them. `seed=` is one CPU generator for the whole
+    batch, as a diffusers generator is, or a list with one seed per image; without either a random seed is drawn
+    so that every image can be reproduced."""
     if generator is not None and seed is not None:
         raise KolorsError("pass either generator= or seed=, not both")
     if generator is not None:
@@ -542,20 +571,15 @@ def _generators(generator, seed, batch: int):
             )
         return generator, None
     if seed is None:
-        seed = random.randint(0, MAX_SEED)
+        seed = random_seed()
     if isinstance(seed, (list, tuple)):
-        if len(seed) != batch or not all(_is_seed(s) for s in seed):
-            raise KolorsError(
-                f"seed list must hold {batch} whole numbers between 0 and {MAX_SEED}, one per image"
-            )
+        if len(seed) != batch:
+            raise KolorsError(f"{len(seed)} seeds given for {batch} images; give one per image or one")
+        for s in seed:
+            check_seed(s)
         return [torch.Generator("cpu").manual_seed(s) for s in seed], list(seed)
-    if not _is_seed(seed):
-        raise KolorsError(f"seed must be a whole number between 0 and {MAX_SEED}, not {seed!r}")
+    check_seed(seed)
     return torch.Generator("cpu").manual_seed(seed), [seed] * batch
-
-
-def _is_seed(s) -> bool:
-    return isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
 
 
 def _model_name(root: Path, model) -> str:

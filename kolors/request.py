@@ -1,4 +1,10 @@
-"""One generation request, shared by the CLI, the server and batch jobs, and the PNG files it produces.
+"""One generation request, shared by the CLI, the server and batch jobs: its one validation, its seed rule, and
+the PNG files it produces.
+
+The faces build a GenerationRequest and hand it to `KolorsPipeline.generate`; nothing here knows the pipeline.
+Every check lives in `check_values` (a server passes its `Limits`), and raises InvalidRequest naming the field,
+so the CLI prints one line and the server answers 4xx naming it. Seeds: image i of a request has seed + i, so
+each image reproduces on its own; a request without a seed gets a random one, recorded in its images.
 
 Every PNG carries its parameters in a `parameters` text chunk in the AUTOMATIC1111 format, so any tool that
 reads those (A1111's PNG Info, ComfyUI, civitai) can show and reproduce the image.
@@ -6,14 +12,40 @@ reads those (A1111's PNG Info, ComfyUI, civitai) can show and reproduce the imag
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import math
 import os
+import random
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from kolors.pipeline import KolorsPipeline, validate, validate_size
+from kolors import samplers
+from kolors.errors import KolorsError
+
+MAX_SEED = 2**32 - 1
+SAMPLERS = samplers.SAMPLERS  # the names a request may ask for, here so the faces need not import samplers
+
+
+class InvalidRequest(KolorsError):
+    """A request value out of bounds: `field` names the GenerationRequest field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a server (or a batch run) puts on requests; None: no bound beyond the engine's own."""
+
+    max_width: int | None = None
+    max_height: int | None = None
+    max_steps: int | None = None
+    max_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -23,45 +55,37 @@ class GenerationRequest:
     steps: int = 50
     guidance: float = 5.0
     sampler: str = "euler"
-    seed: int | None = None  # None: drawn at random and recorded
+    seed: int | None = None  # None: drawn at random by `with_seed` and recorded
     width: int = 1024
     height: int = 1024
     num_images: int = 1
-    image: Image.Image | None = field(
-        default=None, compare=False, repr=False
-    )  # init image for image-to-image
+    image: Image.Image | None = field(default=None, compare=False, repr=False)  # image-to-image's init image
     strength: float = 0.3
 
-    def validate(self) -> None:
-        """The cheap checks, before any model is loaded."""
-        validate(
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
+    def validate(self, limits: Limits | None = None) -> GenerationRequest:
+        """The one validation, before any model is loaded; returns the request itself."""
+        check_values(
+            steps=self.steps,
+            guidance=self.guidance,
             sampler=self.sampler,
             strength=self.strength,
-            num_images_per_prompt=self.num_images,
+            num_images=self.num_images,
+            size=None if self.image is not None else (self.width, self.height),
+            limits=limits,
         )
-        if self.image is None:
-            validate_size(self.height, self.width)
+        check_seed(self.seed, self.num_images)
+        return self
 
-    def run(self, pipe: KolorsPipeline, **kwargs) -> list[tuple[Image.Image, int]]:
-        """Generate: (image, seed) pairs, image i seeded by seed + i so each one reproduces on its own."""
-        self.validate()
-        out = pipe(
-            self.prompt,
-            negative_prompt=self.negative_prompt,
-            height=None if self.image else self.height,
-            width=None if self.image else self.width,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            sampler=self.sampler,
-            seed=None if self.seed is None else [self.seed + i for i in range(self.num_images)],
-            num_images_per_prompt=self.num_images,
-            image=self.image,
-            strength=self.strength,
-            **kwargs,
-        )
-        return list(zip(out.images, out.seeds, strict=True))
+    def with_seed(self) -> GenerationRequest:
+        """This request with its seed drawn, when it has none: the seed every image records."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=random_seed(self.num_images))
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: seed, seed + 1, ... (draw one first with `with_seed`)."""
+        if self.seed is None:
+            raise KolorsError("the request has no seed yet; call with_seed() first")
+        return [self.seed + i for i in range(self.num_images)]
 
     def infotext(self, seed: int, model: str, size: tuple[int, int] | None = None) -> str:
         """The AUTOMATIC1111 `parameters` text for the image made with `seed`; `size` is (width, height)."""
@@ -79,15 +103,110 @@ class GenerationRequest:
         return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("image")
-        return d
+        """The fields as plain data (the init image left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
 
 
-def png_bytes_info(infotext: str) -> PngImagePlugin.PngInfo:
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def check_values(
+    *,
+    steps: int,
+    guidance: float,
+    sampler: str,
+    strength: float,
+    num_images: int,
+    size: tuple[int, int] | None = None,
+    multiple: int = 8,
+    limits: Limits | None = None,
+) -> None:
+    """Every request check, shared by GenerationRequest, the pipeline's keyword call and the server: one line
+    each, naming the field. `size` is (width, height), None when an init image sets it."""
+    limits = limits or Limits()
+    if not _whole(steps) or steps < 1:
+        raise InvalidRequest("steps", f"steps must be a whole number of at least 1, not {steps!r}")
+    if limits.max_steps is not None and steps > limits.max_steps:
+        raise InvalidRequest("steps", f"{steps} steps is over this server's limit of {limits.max_steps}")
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not math.isfinite(guidance)
+        or guidance < 0
+    ):
+        raise InvalidRequest(
+            "guidance", f"guidance scale must be a finite number >= 0, not {guidance!r} (5.0 is typical)"
+        )
+    if sampler not in samplers.SAMPLERS:
+        known = ", ".join(samplers.SAMPLERS)
+        raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; choose one of: {known}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise InvalidRequest(
+            "strength", f"strength must be between 0 and 1, not {strength!r} (0.3 keeps most of the image)"
+        )
+    if not _whole(num_images) or num_images < 1:
+        raise InvalidRequest("num_images", f"number of images must be at least 1, not {num_images!r}")
+    if limits.max_images is not None and num_images > limits.max_images:
+        raise InvalidRequest(
+            "num_images",
+            f"{num_images} images is over this server's limit of {limits.max_images} per request",
+        )
+    if size is not None:
+        check_size(*size, multiple=multiple, limits=limits)
+
+
+def check_size(width: int, height: int, *, multiple: int = 8, limits: Limits | None = None) -> None:
+    """Width and height: whole multiples of `multiple` (the VAE's factor), within `limits`."""
+    limits = limits or Limits()
+    for name, value, limit in (("width", width, limits.max_width), ("height", height, limits.max_height)):
+        if not _whole(value) or value < multiple:
+            raise InvalidRequest(
+                name, f"{name} must be a whole number of at least {multiple} pixels, not {value!r}"
+            )
+        if value % multiple:
+            low = value - value % multiple
+            raise InvalidRequest(
+                name, f"{name} {value} is not a multiple of {multiple}; use {low} or {low + multiple}"
+            )
+        if limit is not None and value > limit:
+            raise InvalidRequest(name, f"{name} {value} is over this server's limit of {limit} pixels")
+
+
+def check_seed(seed: int | None, count: int = 1) -> None:
+    """A seed (None: to be drawn) whose `count` images' seeds seed .. seed + count - 1 are all valid."""
+    if seed is None:
+        return
+    high = MAX_SEED - count + 1
+    if not _whole(seed) or not 0 <= seed <= high:
+        per = f" for {count} images (image i gets seed + i)" if count > 1 else ""
+        raise InvalidRequest("seed", f"seed must be a whole number between 0 and {high}{per}, not {seed!r}")
+
+
+def random_seed(count: int = 1) -> int:
+    """A random first seed for `count` images, so that every seed + i stays valid."""
+    return random.randint(0, MAX_SEED - max(count, 1) + 1)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------------- PNG files
+
+
+def png_info(infotext: str) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     return info
+
+
+def png_bytes(image: Image.Image, infotext: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(infotext))
+    return buf.getvalue()
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path:
@@ -97,7 +216,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_bytes_info(infotext))
+            image.save(f, format="PNG", pnginfo=png_info(infotext))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from kolors import KolorsError, KolorsPipeline
-from kolors.batch import MANIFEST, PromptCache, batches, derived_seed, generate, parse_jobs, run
+from kolors.batch import MANIFEST, batches, derived_seed, generate, parse_jobs, run
 from kolors.cli import main
 from kolors.request import read_parameters, save_png
 
@@ -126,7 +126,7 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
 def test_strict_stops_at_the_first_bad_line_before_any_image(pipe, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "seed": -1}\n')
-    with pytest.raises(KolorsError, match=r"jobs.jsonl line 2: seed must be between 0 and"):
+    with pytest.raises(KolorsError, match=r"jobs.jsonl line 2: seed must be a whole number between 0 and"):
         run(jobs, tmp_path / "out", pipe=pipe, defaults=SMALL, strict=True, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -188,18 +188,19 @@ def test_batched_outputs_equal_single_runs(pipe, tmp_path):
         ["000004-0.png"],
     ]
     pipe.set_progress_bar_config(disable=True)
-    cache, singles = PromptCache(pipe), {}
+    singles = {}
     for chunk in chunks:
-        batched = generate(pipe, cache, chunk, output_type="np")
+        batched = generate(pipe, chunk, output_type="np")
         for spec, image in zip(chunk, batched, strict=True):
+            request = spec.request
             singles[spec.file] = pipe(
-                spec.prompt,
-                negative_prompt=spec.negative_prompt,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance,
-                height=spec.height,
-                width=spec.width,
-                seed=spec.seed,
+                request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance,
+                height=request.height,
+                width=request.width,
+                seed=request.seed,
                 output_type="np",
             ).images[0]
             np.testing.assert_allclose(image, singles[spec.file], atol=1e-4)
@@ -213,13 +214,13 @@ def test_batched_outputs_equal_single_runs(pipe, tmp_path):
 
 
 def test_prompt_cache_encodes_each_text_once(pipe):
-    cache = PromptCache(pipe)
+    pipe.prompt_cache.clear()  # the module's pipeline has seen these texts in other tests
     calls = []
     encode = pipe.encode_prompt
     pipe.encode_prompt = lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw)
     try:
-        first = cache(["a cat", "a dog", "a cat"], ["", "", ""])
-        cache(["a dog", "a cow"], ["", ""])
+        first = pipe.encode_texts(["a cat", "a dog", "a cat"], ["", "", ""])
+        pipe.encode_texts(["a dog", "a cow"], ["", ""])
     finally:
         del pipe.encode_prompt
     assert calls == [["a cat", "a dog", ""], ["a cow"]]

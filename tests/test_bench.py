@@ -250,9 +250,9 @@ def test_full_size_keys_and_shapes_match_kolors_models():
     meta) are checked against kolors' own models on meta, as its strict loading checks them."""
     from bench.fake_weights import COMPONENTS, scaled_config, tensor_shapes
     from kolors.config import load_config
-    from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
-    from kolors.unet import UNet2DConditionModel, UNetConfig
-    from kolors.vae import AutoencoderKL, VAEConfig
+    from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+    from kolors.models.unet import UNet2DConditionModel, UNetConfig
+    from kolors.models.vae import AutoencoderKL, VAEConfig
     from kolors.weights import build_on_meta
 
     reference = require_reference()

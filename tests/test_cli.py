@@ -219,7 +219,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 
 def test_download_prints_the_checked_snapshot(tiny_model_dir, capsys, monkeypatch):
-    import kolors.weights
+    import kolors.pipeline
 
     asked = {}
 
@@ -227,7 +227,7 @@ def test_download_prints_the_checked_snapshot(tiny_model_dir, capsys, monkeypatc
         asked.update(model=model, variant=variant)
         return tiny_model_dir
 
-    monkeypatch.setattr(kolors.weights, "resolve_model", fake_resolve)
+    monkeypatch.setattr(kolors.pipeline, "resolve_model", fake_resolve)
     code, out, _ = run(["download", "Kwai-Kolors/Kolors-diffusers", "--variant", "fp16"], capsys)
     assert code == 0 and out.strip() == str(tiny_model_dir)
     assert asked == {"model": "Kwai-Kolors/Kolors-diffusers", "variant": "fp16"}

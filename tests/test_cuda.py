@@ -17,7 +17,7 @@ from PIL import Image
 
 from kolors import KolorsPipeline, samplers
 from kolors.cli import main
-from kolors.quant import Int4Linear, Int8Linear
+from kolors.models.quant import Int4Linear, Int8Linear
 from tests.test_pipeline import assert_close
 
 DEVICE = torch.device(os.environ.get("KOLORS_TEST_DEVICE", "cuda"))

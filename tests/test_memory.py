@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from kolors import KolorsError, KolorsPipeline
-from kolors.memory import PromptCache, WeightStream, on_device, streaming_units
+from kolors.memory import PromptCache
+from kolors.weights.stream import WeightStream, on_device, streaming_units
 
 SIZE = dict(height=64, width=64)
 

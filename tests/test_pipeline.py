@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kolors import KolorsError, KolorsPipeline
-from kolors.unet import FAST_CPU_DTYPES
+from kolors.models.layers import FAST_CPU_DTYPES
 
 TOL = 1e-3
 SIZE = dict(height=64, width=64)
@@ -203,7 +203,7 @@ def test_half_precision_close_to_float32_and_vae_upcast(tiny_model_dir, pipe, dt
     half.set_progress_bar_config(disable=True)
     # The SDXL VAE overflows in fp16, so like diffusers' force_upcast it runs in fp32 then; bf16 has the range.
     assert next(half.unet.parameters()).dtype == dtype and next(half.vae.parameters()).dtype == vae_dtype
-    # bf16 on a CPU with oneDNN: the UNet's weights are packed once for it (kolors.unet.pack_weights)
+    # bf16 on a CPU with oneDNN: the UNet's weights are packed once for it (kolors.models.layers.pack_weights)
     assert half.unet.conv_in.weight.is_mkldnn == (dtype in FAST_CPU_DTYPES)
     common = dict(prompt="a cat", **SIZE, num_inference_steps=4, seed=0, output_type="np")
     diff = np.abs(half(**common).images - pipe(**common).images).max()

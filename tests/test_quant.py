@@ -14,7 +14,7 @@ from torch import nn
 from kolors import KolorsPipeline
 from kolors.cli import main
 from kolors.errors import KolorsError
-from kolors.quant import (
+from kolors.models.quant import (
     Int4Linear,
     Int8Linear,
     load_quantized,
@@ -22,8 +22,8 @@ from kolors.quant import (
     parse_quant,
     quantize_text_encoder,
 )
+from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.request import read_parameters
-from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.weights import Checkpoint, weight_files
 from tests.test_text_encoder import PROMPTS, encode, ours_from, tokenize
 

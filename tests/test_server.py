@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from kolors import KolorsPipeline  # noqa: E402
 from kolors.cli import main  # noqa: E402
 from kolors.errors import KolorsError  # noqa: E402
-from kolors.pipeline import MAX_SEED  # noqa: E402
-from kolors.server import ServerConfig, check_bind, create_app  # noqa: E402
+from kolors.request import MAX_SEED  # noqa: E402
+from kolors.serve import ServerConfig, check_bind, create_app  # noqa: E402
 from tests.server_helpers import decode_png, png_b64  # noqa: E402
 
 LIMITS = dict(
@@ -288,14 +288,14 @@ def test_api_key_guards_every_api_call_but_not_the_open_routes(keyed):
 
 
 def test_index_page_and_static_files(client, monkeypatch, tmp_path):
-    from kolors import server
+    from kolors.serve import web
 
-    page = server.WEB_DIR / "index.html"
+    page = web.WEB_DIR / "index.html"
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     if page.is_file():
         assert r.text == page.read_text(encoding="utf-8")
-    monkeypatch.setattr(server, "WEB_DIR", tmp_path)
+    monkeypatch.setattr(web, "WEB_DIR", tmp_path)
     assert "/docs" in client.get("/").text  # the placeholder when the page is absent
     (tmp_path / "app.js").write_text("console.log(1)")
     assert client.get("/web/app.js").text == "console.log(1)"
@@ -454,11 +454,11 @@ def test_serve_command_checks_before_loading(capsys, monkeypatch, tmp_path):
 
 
 def test_url_images_expire(monkeypatch):
-    from kolors import server
+    from kolors.serve import state
 
     clock = [1000.0]
-    monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
-    store = server.FileStore(ttl=60, max_bytes=25)
+    monkeypatch.setattr(state.time, "monotonic", lambda: clock[0])
+    store = state.FileStore(ttl=60, max_bytes=25)
     first = store.put(b"0123456789")
     assert store.get(first) == b"0123456789"
     clock[0] += 61

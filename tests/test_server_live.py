@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
 from kolors import KolorsPipeline  # noqa: E402
-from kolors.server import ServerConfig, create_app  # noqa: E402
+from kolors.serve import ServerConfig, create_app  # noqa: E402
 from tests.server_helpers import WAIT_S, GatedPipe, decode_png, live_server, wait_until  # noqa: E402
 
 LIMITS = dict(max_steps=4, max_width=128, max_height=128, max_n=4)
@@ -239,8 +239,8 @@ def test_a_client_that_hangs_up_stops_its_running_job(pipe):
 
 
 def test_closing_the_queue_cancels_waiting_jobs_and_stops_the_running_one(pipe):
-    from kolors.jobs import Job, JobQueue, JobState
     from kolors.request import GenerationRequest
+    from kolors.serve.jobs import Job, JobQueue, JobState
 
     gated = GatedPipe(pipe, hold_at=0)
     queue = JobQueue([gated], maxsize=2)
@@ -255,8 +255,8 @@ def test_closing_the_queue_cancels_waiting_jobs_and_stops_the_running_one(pipe):
 
 
 def test_a_failing_job_does_not_stop_the_worker(pipe):
-    from kolors.jobs import Job, JobQueue, JobState
     from kolors.request import GenerationRequest
+    from kolors.serve.jobs import Job, JobQueue, JobState
 
     class Flaky(GatedPipe):
         def __call__(self, *args, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kolors.config import ConfigError, from_dict
-from kolors.text_encoder import (
+from kolors.models.text_encoder import (
     UNUSED_KEYS,
     ChatGLMModel,
     TextEncoderConfig,

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from kolors.tokenizer import ChatGLMTokenizer, TokenizedPrompts, TokenizerError
+from kolors.models.tokenizer import ChatGLMTokenizer, TokenizedPrompts, TokenizerError
 from tests.reference import require_reference
 
 PROMPTS = {

@@ -1,4 +1,4 @@
-"""kolors.unet against diffusers' UNet2DConditionModel: same weights (strict load), same outputs."""
+"""kolors.models.unet against diffusers' UNet2DConditionModel: same weights (strict load), same outputs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kolors import unet
 from kolors.config import ConfigError, from_dict, load_config
-from kolors.unet import FAST_CPU_DTYPES, UNet2DConditionModel, UNetConfig, merge_leading_repeats
+from kolors.models import layers, unet
+from kolors.models.layers import FAST_CPU_DTYPES, pack_weights, packer
+from kolors.models.unet import UNet2DConditionModel, UNetConfig, merge_leading_repeats
 from tests.reference import REFERENCE, TE_HIDDEN, TINY_UNET, randomize_
 
 FULL_CONFIG = REFERENCE / "unet" / "config.json"
@@ -124,7 +125,7 @@ def test_small_attention_matches_sdpa(monkeypatch, queries, keys, matmuls):
     """Up to SMALL_ATTENTION_LOGITS per head the CPU fast path attends with plain matmuls, beyond it with SDPA;
     switched on for float32 so that the matmul path's scale, bias and softmax are checked against SDPA at float32
     precision, a (B, 1, 1, L) merged-pad bias as the UNet passes it."""
-    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    monkeypatch.setattr(layers, "FAST_CPU_DTYPES", {torch.float32})
     sdpa_calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(
@@ -135,11 +136,11 @@ def test_small_attention_matches_sdpa(monkeypatch, queries, keys, matmuls):
     k, v = torch.randn(2, 3, keys, 64, generator=g), torch.randn(2, 3, keys, 64, generator=g)
     bias = torch.zeros(2, 1, 1, keys)
     bias[:, ..., 0] = math.log(254.0)
-    actual = unet.attention(q, k, v, bias)
+    actual = layers.attention(q, k, v, bias)
     assert bool(sdpa_calls) != matmuls
     expected = sdpa(q, k, v, attn_mask=bias)
     assert (actual - expected).abs().max().item() < 1e-5
-    assert (unet.attention(q, k, v) - sdpa(q, k, v)).abs().max().item() < 1e-5
+    assert (layers.attention(q, k, v) - sdpa(q, k, v)).abs().max().item() < 1e-5
 
 
 @pytest.mark.skipif(torch.bfloat16 not in FAST_CPU_DTYPES, reason="oneDNN's fused bf16 linear is unavailable")
@@ -147,7 +148,7 @@ def test_fused_linears_match_diffusers_in_float32(models, monkeypatch):
     """The CPU fast path (bias, residual, GEGLU inside oneDNN matmuls; channels-last), switched on for
     float32 so that its wiring is checked at float32 precision, not hidden in bf16 rounding."""
     ref, ours = models
-    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    monkeypatch.setattr(layers, "FAST_CPU_DTYPES", {torch.float32})
     inputs = make_inputs(2, 8, 12)
     expected, actual = run_both(ref, ours, inputs)
     scale = expected.abs().max().item()
@@ -161,10 +162,10 @@ def test_packed_weights_match_diffusers_in_float32(models, monkeypatch, h, w):
     adds fused into the convolutions; checked at float32 precision like the fast path above, on sizes other
     than the packing hint and a batch of 3."""
     ref, ours = models
-    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    monkeypatch.setattr(layers, "FAST_CPU_DTYPES", {torch.float32})
     packed = copy.deepcopy(ours)
-    packed.pack_weights()
-    assert all(m.weight.is_mkldnn for m in packed.modules() if isinstance(m, (unet.Conv2d, unet.Linear)))
+    pack_weights(packed)
+    assert all(m.weight.is_mkldnn for m in packed.modules() if isinstance(m, (layers.Conv2d, layers.Linear)))
     assert "conv_in.weight" not in packed.state_dict()  # opaque tensors stay out of the state_dict
     inputs = make_inputs(3, h, w)
     expected, actual = run_both(ref, packed, inputs)
@@ -185,14 +186,14 @@ def test_packing_while_loading_equals_packing_after(models, monkeypatch, tmp_pat
     from kolors.weights import build_on_meta, load_weights
 
     _, ours = models
-    monkeypatch.setattr(unet, "FAST_CPU_DTYPES", {torch.float32})
+    monkeypatch.setattr(layers, "FAST_CPU_DTYPES", {torch.float32})
     monkeypatch.setattr(unet, "PACK_TRIM_BYTES", 1)  # and give memory back after every weight
     file = tmp_path / "unet.safetensors"
     save_file(ours.state_dict(), file)
     packed_after = copy.deepcopy(ours)
-    packed_after.pack_weights()
+    pack_weights(packed_after)
     fresh = build_on_meta(lambda: UNet2DConditionModel(ours.config))
-    packed_while = load_weights(fresh, [file], dtype=torch.float32, device="cpu", loaded=fresh.packer())
+    packed_while = load_weights(fresh, [file], dtype=torch.float32, device="cpu", loaded=packer(fresh))
     buffers = lambda m: {k: b.is_mkldnn for k, b in m.named_buffers() if b is not None}  # noqa: E731
     assert buffers(packed_while) == buffers(packed_after) and any(buffers(packed_while).values())
     assert packed_while.state_dict().keys() == packed_after.state_dict().keys()
@@ -321,6 +322,26 @@ def test_pipeline_text_states_merge_to_one_pad_key(tiny_model_dir):
         cache = pipe.unet.prepare_context(states)
     assert cache.kv[0][0].shape[2] == 8
     torch.testing.assert_close(cache.bias[:, 0, 0, 0], torch.tensor([math.log(254 / 6), math.log(249)]))
+
+
+def test_known_pad_counts_merge_without_reading_the_states(tiny_model_dir):
+    """encode_prompt records each row's left pads (PromptEmbeds.pads), and prepare_context merges by them: the
+    same keys and bias as finding the runs in the states, which the counts path never reads."""
+    from kolors.pipeline import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    embeds = pipe.encode_prompt(["a photo of a cat", "一只猫"], negative_prompt="")
+    assert embeds.pads[0] == 249 and embeds.negative_pads == (254, 254)
+    states = torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds])
+    pads = [*embeds.negative_pads, *embeds.pads]
+    with torch.no_grad():
+        found, given = pipe.unet.prepare_context(states), pipe.unet.prepare_context(states, pads=pads)
+    torch.testing.assert_close(given.bias, found.bias, rtol=0, atol=0)
+    for (k1, v1), (k2, v2) in zip(found.kv, given.kv, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # Counts, not contents: rows that are all different still merge where the counts say.
+    rows, bias = merge_leading_repeats(torch.randn(2, 16, 4), pads=[10, 13])
+    assert rows.shape[1] == 7 and bias[0, 0, 0, 0].item() == pytest.approx(math.log(10))
 
 
 # ------------------------------------------------------------------------------ torch.compile

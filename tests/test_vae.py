@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL as ReferenceVAE
 
 from kolors.config import ConfigError, from_dict, load_config
-from kolors.unet import FAST_CPU_DTYPES
-from kolors.vae import AutoencoderKL, VAEConfig, sample_latent
+from kolors.models.layers import FAST_CPU_DTYPES
+from kolors.models.vae import AutoencoderKL, VAEConfig, sample_latent
 from tests.reference import REFERENCE, TINY_VAE
 
 

@@ -1,5 +1,5 @@
 """The web UI in a real headless browser: Debian's chromium driven by Playwright, against the real server
-(kolors.server) running the tiny model under uvicorn on a free local port.
+(kolors.serve) running the tiny model under uvicorn on a free local port.
 
 Playwright only drives the browser: it is pointed at /usr/bin/chromium and never downloads one of its own.
 """
@@ -26,7 +26,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is abse
 uvicorn = pytest.importorskip("uvicorn", reason="the server extra is absent: pip install -e '.[server]'")
 
 from kolors.pipeline import KolorsPipeline  # noqa: E402
-from kolors.server import ServerConfig, create_app  # noqa: E402
+from kolors.serve import ServerConfig, create_app  # noqa: E402
 
 # Without the background-networking flags chromium keeps calling home, which a closed network answers slowly.
 CHROMIUM_ARGS = [

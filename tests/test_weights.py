@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kolors import KolorsError, weights
+from kolors import KolorsError
 from kolors.config import load_config
-from kolors.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
-from kolors.vae import AutoencoderKL, VAEConfig
+from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+from kolors.models.vae import AutoencoderKL, VAEConfig
 from kolors.weights import (
     Checkpoint,
     build_on_meta,
@@ -24,6 +24,7 @@ from kolors.weights import (
     resolve_model,
     weight_files,
 )
+from kolors.weights import checkpoint as weights
 
 
 def meta_vae(model_dir: Path) -> AutoencoderKL:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kolors.config import ConfigError
+from kolors.models.layers import fast_cpu
 from kolors.noise import Generators, randn
-from kolors.unet import fast_cpu
 
 EPS = 1e-6  # diffusers' Encoder and Decoder fix every norm's epsilon to this, whatever the config says
 

@@ -15,7 +15,6 @@ in a softmax are one key with logit bias ln P. The seed prompt with an empty neg
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,52 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kolors.config import ConfigError
-from kolors.memory import return_freed_memory
+from kolors.models.layers import Conv2d, Linear, attention, fast_cpu, mkldnn, pack_linear_weight
 
 # Constants of diffusers' building blocks that UNet2DConditionModel never passes down from its config.
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # Transformer2DModel's input GroupNorm
 TRANSFORMER_LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms
 FF_MULT = 4  # FeedForward's inner width is 4x the model width (GEGLU doubles it again for the gate)
 MAX_PERIOD = 10000  # sinusoidal timestep embedding
-
-# The CPU fast path, for bf16 on a CPU where oneDNN runs it: linears through oneDNN's fused op (PyTorch's own,
-# the one Inductor emits), which applies the bias, a residual add or a GELU inside the matmul instead of in
-# extra passes over its output, and channels-last activations. Same results up to rounding (one rounding of
-# a fused output instead of two); float32 keeps diffusers' exact sequence of operations.
-_mkldnn = torch.ops.mkldnn
-FAST_CPU_DTYPES: set[torch.dtype] = (
-    {torch.bfloat16}
-    if torch.backends.mkldnn.is_available()
-    and hasattr(_mkldnn, "_linear_pointwise")
-    and _mkldnn._is_mkldnn_bf16_supported()
-    else set()
-)
-
-
-def fast_cpu(x: Tensor) -> bool:
-    # Under torch.compile the plain ops are traced instead: Inductor fuses them itself, and the fused op
-    # has no fake-tensor implementation to trace with.
-    return x.device.type == "cpu" and x.dtype in FAST_CPU_DTYPES and not torch.compiler.is_compiling()
-
-
-# Packed weights (`pack_weights`): oneDNN otherwise reorders each weight into its blocked layout at every call.
-# The layout barely depends on the input's size (measured: a weight packed for 16x16 inputs runs 64x64 ones as
-# fast as one packed for them), so one hint serves every resolution and batch.
-PACK_ROWS_HINT = 512  # matmul rows: CFG batch 2 x 256 pixels at the deepest level of a 512x512 image
-PACK_PIXELS_HINT = 32  # convolution input height and width
-PACK_TRIM_BYTES = 256 * 1024**2  # measured: every 64 MB or 1 GB changed the load time within its noise
-
-
-def pack_linear_weight(weight: Tensor) -> Tensor:
-    """A (out, in) weight in oneDNN's blocked layout, for `_linear_pointwise`."""
-    return _mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
-
-
-def _replace_weight(module: nn.Module, packed: Tensor) -> None:
-    # The packed tensor is opaque (no views, no dtype casts), so it leaves the state_dict: a packed model is for
-    # inference on this CPU, and its checkpoint is the file it was loaded from.
-    del module.weight
-    module.register_buffer("weight", packed, persistent=False)
 
 
 @dataclass(frozen=True)
@@ -226,26 +186,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that can add a residual to its output, fused into the convolution once its weight is packed."""
-
-    def pack(self) -> None:
-        hint = [2, self.in_channels, PACK_PIXELS_HINT, PACK_PIXELS_HINT]
-        packed = _mkldnn._reorder_convolution_weight(
-            self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, hint
-        )
-        _replace_weight(self, packed)
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if not self.weight.is_mkldnn:
-            y = super().forward(x)
-            return y if residual is None else residual + y
-        args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
-        if residual is None:
-            return _mkldnn._convolution_pointwise(x, *args, "none", [], "")
-        return _mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
-
-
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float):
         super().__init__()
@@ -280,21 +220,6 @@ class Upsample2D(nn.Module):
         # Upsampling to the skip's size equals nearest 2x when the size is even, and also restores odd
         # sizes that the stride-2 convs rounded up (diffusers' forward_upsample_size).
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
-
-
-class Linear(nn.Linear):
-    """nn.Linear that can add a residual to its output, fused into the matmul on the CPU fast path."""
-
-    def pack(self) -> None:
-        _replace_weight(self, pack_linear_weight(self.weight))
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if not (self.weight.is_mkldnn or fast_cpu(x)):
-            y = F.linear(x, self.weight, self.bias)
-            return y if residual is None else residual + y
-        if residual is None:
-            return _mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return _mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
 class Attention(nn.Module):
@@ -332,29 +257,9 @@ class Attention(nn.Module):
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C), residual)
 
 
-# Logits per head up to which the CPU fast path attends with two plain matmuls: at 512 px the deepest level's
-# self-attention (256 x 256) and every cross-attention. Measured at full size, bf16, 2 cores: PyTorch's CPU
-# flash kernel runs these at 0.14 TFLOP/s and the matmuls at 0.4; the UNet step 7.76 s instead of 8.00 (median
-# of 6, alternating). The 1024 x 1024 self-attentions of the level above stay with the kernel: there the
-# logits no longer fit the cache and the kernel, which never holds them all, is faster.
-SMALL_ATTENTION_LOGITS = 256 * 256
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(head size) + bias) v over (B, nh, T, hs) tensors; `bias` broadcasts to the logits.
-
-    The matmul path rounds the logits to bf16 before the softmax, as diffusers' classic AttnProcessor does
-    (baddbmm in the model's dtype, no upcast for Kolors' UNet); SDPA keeps them in float32. The added error is
-    within bf16's (tests/test_unet.py holds both to the float32 output)."""
-    if not (fast_cpu(q) and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION_LOGITS):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-    if bias is not None:  # the merged pad keys' ln P in float32: added, not rounded into the bf16 logits
-        logits = logits + bias
-    return torch.matmul(logits.softmax(dim=-1).to(v.dtype), v)
-
-
 class GEGLU(nn.Module):
+    pack_key = "proj.weight"
+
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner)  # the value's weights, then the gate's
@@ -373,8 +278,8 @@ class GEGLU(nn.Module):
             inner, b = self.proj.out_features // 2, self.proj.bias
             w = None if packed else self.proj.weight
             value, gate = (self.packed_value, self.packed_gate) if packed else (w[:inner], w[inner:])
-            gate = _mkldnn._linear_pointwise(x, gate, b[inner:], "gelu", [], "none")  # erf GELU
-            return _mkldnn._linear_pointwise.binary(x, gate, value, b[:inner], "mul")
+            gate = mkldnn._linear_pointwise(x, gate, b[inner:], "gelu", [], "none")  # erf GELU
+            return mkldnn._linear_pointwise.binary(x, gate, value, b[:inner], "mul")
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
@@ -530,16 +435,22 @@ class UpBlock(nn.Module):
         return x
 
 
-def merge_leading_repeats(states: Tensor) -> tuple[Tensor, Tensor | None]:
+def merge_leading_repeats(states: Tensor, pads: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
     """Rows (B, L, D) and logit bias (B, 1, 1, L) with the same attention as all T rows of `states` (B, T, D)
     as keys and values: each prompt's leading run of P rows identical to its first (left pads) is kept as
     m copies with bias ln(P / m) each, since exp(s + ln(P / m)) summed m times is P exp(s). m is 1 for the
     prompt with the most real rows and larger for the others, so every prompt has the same L keys and no
     key is masked out. (states, None) when some prompt has no run to merge, or a first row that is not equal
-    to itself (NaN from an overflowing encoder: left as it is, as diffusers leaves it)."""
+    to itself (NaN from an overflowing encoder: left as it is, as diffusers leaves it).
+
+    `pads`, each prompt's left pad count from its tokens, gives the runs without reading the states back to the
+    host: the pad rows are the run (a prompt without pads has a run of its first row alone)."""
     B, T, _ = states.shape
-    same = (states == states[:, :1]).all(dim=-1)  # (B, T)
-    runs = same.int().cumprod(dim=1).sum(dim=1).tolist()  # P per prompt; the one host read
+    if pads is not None:
+        runs = [max(p, 1) for p in pads]
+    else:
+        same = (states == states[:, :1]).all(dim=-1)  # (B, T)
+        runs = same.int().cumprod(dim=1).sum(dim=1).tolist()  # P per prompt; a host read
     L = T - min(runs) + 1  # keys of the prompt with the most real rows: its run becomes one key
     if L >= T:
         return states, None
@@ -584,54 +495,22 @@ class UNet2DConditionModel(nn.Module):
         for i, block in enumerate(self.transformer_blocks()):
             block.context_index = i
 
-    def pack_weights(self) -> None:
-        """Pack every per-step convolution and matmul weight into oneDNN's layout for this CPU, once, instead
-        of oneDNN reordering it at every call: identical results, a faster step (BENCHMARKS.md). For the CPU
-        fast path only (float32 or bf16 on a CPU with oneDNN, not under torch.compile), and one way: the packed
-        weights leave the state_dict. `encoder_hid_proj` and the time MLPs run once per call or generation and
-        stay as they are. A model being loaded packs each weight as it is read instead: `packer`."""
-        for pack in self._packs().values():
-            pack()
-            return_freed_memory()  # else the freed plain weights stay resident: +2.6 GB at full size
-
-    def packer(self) -> Callable[[str], None]:
-        """For Checkpoint.load(loaded=...): packs each weight pack_weights would as soon as it is read, so the
-        plain and packed UNet never both exist (full size, measured: load and pack 6.5-8.0 s instead of
-        9.4-13.6 s). The freed plain weights go back to the system every PACK_TRIM_BYTES: peak +0.16 GiB."""
-        packs, freed = self._packs(), 0
-
-        def loaded(key: str) -> None:
-            nonlocal freed
-            if key in packs:
-                freed += self.get_parameter(key).nbytes
-                packs[key]()
-                if freed >= PACK_TRIM_BYTES:
-                    return_freed_memory()
-                    freed = 0
-
-        return loaded
-
-    def _packs(self) -> dict[str, Callable[[], None]]:
-        """Weight key -> the pack() that packs it (GEGLU packs its projection's weight in two halves)."""
-        packs = {}
-        for name, module in self.named_modules():
-            if isinstance(module, (Conv2d, Linear)):
-                packs[f"{name}.weight"] = module.pack
-            elif isinstance(module, GEGLU):
-                packs[f"{name}.proj.weight"] = module.pack
-        return packs
-
     def transformer_blocks(self) -> list[BasicTransformerBlock]:
         """Every BasicTransformerBlock in module order: the order of ContextCache.kv."""
         return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
 
-    def prepare_context(self, encoder_hidden_states: Tensor, merge_pads: bool = True) -> ContextCache:
+    def prepare_context(
+        self, encoder_hidden_states: Tensor, merge_pads: bool = True, pads: list[int] | None = None
+    ) -> ContextCache:
         """Project the text states (B, T, encoder_hid_dim) and compute every cross-attention's keys and
         values, once for all denoising steps. With `merge_pads`, each prompt's leading run of rows identical
         to its first (ChatGLM's left pads) becomes one key with logit bias ln(run length): the same attention,
-        fewer keys. Finding the runs reads (B,) counts back to the host: one sync per call, none per step."""
+        fewer keys. `pads`, each row's left pad count from the tokenizer, says where the runs are; without it
+        they are found by reading (B,) counts back to the host: one sync per call, none per step."""
         states, bias = (
-            merge_leading_repeats(encoder_hidden_states) if merge_pads else (encoder_hidden_states, None)
+            merge_leading_repeats(encoder_hidden_states, pads)
+            if merge_pads
+            else (encoder_hidden_states, None)
         )
         context = self.encoder_hid_proj(states)  # (B, L, cross_attention_dim)
         kv = tuple(block.attn2.kv(context) for block in self.transformer_blocks())

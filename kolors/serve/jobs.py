@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from kolors.errors import KolorsError
+from kolors.pipeline import generate
 from kolors.request import GenerationRequest
 
-log = logging.getLogger("kolors.server")
+log = logging.getLogger("kolors.serve")
 
 
 class QueueFull(Exception):
@@ -241,7 +242,7 @@ class JobQueue:
                 if job._stop.is_set():
                     raise Interrupted
                 job.call, job.step, job.steps = i, 0, request.steps
-                for image, seed in request.run(pipe, callback=on_step):
+                for image, seed in generate(pipe, request, callback=on_step):
                     job.results.append((image, seed, request))
             return JobState.DONE
         except Interrupted:

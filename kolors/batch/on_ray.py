@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from kolors.errors import KolorsError
@@ -39,7 +38,6 @@ class ImageMaker:
     def __init__(self, output_dir: str, model_options: dict, threads: int | None):
         import torch
 
-        from kolors.batch import PromptCache
         from kolors.pipeline import KolorsPipeline
 
         if threads:
@@ -47,17 +45,17 @@ class ImageMaker:
         self.output_dir = Path(output_dir)
         self.pipe = KolorsPipeline.from_pretrained(**model_options)
         self.pipe.set_progress_bar_config(disable=True)
-        self.cache = PromptCache(self.pipe)
 
     def __call__(self, batch: dict) -> dict:
-        from kolors.batch import ImageSpec, batches, make_images
+        from kolors.batch.jobs import ImageSpec
+        from kolors.batch.make import batches, make_images
 
         specs = [ImageSpec.from_row(json.loads(s)) for s in batch["spec"]]
         rows = []
         # Ray may join images of different settings into one batch: split it into pipeline calls.
         for chunk in batches(specs, len(specs)):
             try:
-                rows.extend(make_images(self.pipe, self.cache, chunk, self.output_dir))
+                rows.extend(make_images(self.pipe, chunk, self.output_dir))
             except KolorsError as e:
                 rows.extend({"file": s.file, "error": str(e)} for s in chunk)
         return {"row": [json.dumps(r, ensure_ascii=False) for r in rows]}
@@ -78,9 +76,9 @@ def run(
     Connects to `address` (None: the running instance, RAY_ADDRESS, or a new local one)."""
     ray = require_ray()
     if Path(model_options["model"]).is_dir():  # a typo is one line here, not a traceback from every actor
-        from kolors.weights import check_model_folder
+        from kolors.pipeline import KolorsPipeline
 
-        check_model_folder(Path(model_options["model"]))
+        KolorsPipeline.resolve(model_options["model"])
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
@@ -98,7 +96,7 @@ def run(
         # The driver shows its own progress bar, over images.
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Pending images arrive grouped by settings (batches' order), so most Ray batches share them.
-        items = [{"spec": json.dumps(asdict(s), ensure_ascii=False)} for s in specs]
+        items = [{"spec": json.dumps(s.row(), ensure_ascii=False)} for s in specs]
         # Blocks of about one batch each, so every actor gets work even when the job is small.
         blocks = max(1, min(len(items) // batch_size, 1000))
         ds = ray.data.from_items(items, override_num_blocks=blocks)

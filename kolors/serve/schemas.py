@@ -11,7 +11,6 @@ import base64
 import binascii
 import io
 import math
-import random
 import re
 import time
 from dataclasses import dataclass, replace
@@ -20,10 +19,15 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from kolors import samplers
 from kolors.errors import KolorsError
-from kolors.pipeline import MAX_SEED
-from kolors.request import GenerationRequest, png_bytes_info
+from kolors.request import (
+    MAX_SEED,
+    SAMPLERS,
+    GenerationRequest,
+    InvalidRequest,
+    Limits,
+    check_size,
+)
 
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_STEPS = 50
@@ -61,6 +65,10 @@ class ServerConfig:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_width, self.max_height, self.max_steps, self.max_n)
 
 
 class RequestError(Exception):
@@ -163,50 +171,28 @@ class OpenAIImagesResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def check_size(width: int, height: int, config: ServerConfig, fields=("width", "height")) -> None:
-    for name, value, limit in ((fields[0], width, config.max_width), (fields[1], height, config.max_height)):
-        if value < 8 or value % 8:
-            low = max(8, value - value % 8)
-            raise RequestError(name, f"{value} is not a multiple of 8; use {low} or {low + 8}")
-        if value > limit:
-            raise RequestError(name, f"{value} is over this server's limit of {limit} pixels")
+def checked(request: GenerationRequest, config: ServerConfig, fields: dict[str, str]) -> GenerationRequest:
+    """`request` validated under this server's limits, its seed drawn when absent; a bad value is a
+    RequestError naming the API's own field (`fields` maps GenerationRequest's names to the API's)."""
+    try:
+        return request.validate(config.limits).with_seed()
+    except InvalidRequest as e:
+        raise RequestError(fields.get(e.field, e.field), str(e)) from None
 
 
-def check_steps(steps: int | None, config: ServerConfig, field: str = "steps") -> int:
-    if steps is None:
-        return min(DEFAULT_STEPS, config.max_steps)
-    if steps > config.max_steps:
-        raise RequestError(field, f"{steps} is over this server's limit of {config.max_steps} steps")
-    return steps
-
-
-def check_count(n: int, config: ServerConfig, field: str) -> None:
-    if n > config.max_n:
-        raise RequestError(field, f"{n} images is over this server's limit of {config.max_n} per request")
+def default_steps(steps: int | None, config: ServerConfig) -> int:
+    return min(DEFAULT_STEPS, config.max_steps) if steps is None else steps
 
 
 def resolve_sampler(name: str | None, field: str = "sampler") -> str:
     if name is None or name == "":
         return "euler"
-    for key in samplers.SAMPLERS:
+    for key in SAMPLERS:
         title, aliases = A1111_SAMPLERS.get(key, (key, []))
         if name.lower() in {key, title.lower(), *(a.lower() for a in aliases)}:
             return key
-    known = ", ".join(A1111_SAMPLERS.get(k, (k,))[0] for k in samplers.SAMPLERS)
-    raise RequestError(
-        field, f"unknown sampler {name!r}; choose one of: {known} (or {', '.join(samplers.SAMPLERS)})"
-    )
-
-
-def resolve_seed(seed: int | None, count: int, field: str = "seed") -> int:
-    """The first seed of `count` consecutive ones (seed + i for image i); None or -1: random."""
-    if seed is None or seed == -1:
-        return random.randint(0, MAX_SEED - count)
-    if seed + count - 1 > MAX_SEED:
-        raise RequestError(
-            field, f"{seed} + {count} images runs past {MAX_SEED}; use a seed <= {MAX_SEED - count + 1}"
-        )
-    return seed
+    known = ", ".join(A1111_SAMPLERS.get(k, (k,))[0] for k in SAMPLERS)
+    raise RequestError(field, f"unknown sampler {name!r}; choose one of: {known} (or {', '.join(SAMPLERS)})")
 
 
 def parse_size(size: str | None, default: tuple[int, int], config: ServerConfig) -> tuple[int, int] | None:
@@ -216,8 +202,15 @@ def parse_size(size: str | None, default: tuple[int, int], config: ServerConfig)
     m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
     if not m:
         raise RequestError("size", f"{size!r} is not WIDTHxHEIGHT, e.g. 1024x1024, or auto")
-    width, height = int(m[1]), int(m[2])
-    check_size(width, height, config, fields=("size", "size"))
+    return checked_size(int(m[1]), int(m[2]), config, field="size")
+
+
+def checked_size(width: int, height: int, config: ServerConfig, field: str | None = None) -> tuple[int, int]:
+    """An output size within this server's limits; a bad one names `field`, else width or height."""
+    try:
+        check_size(width, height, limits=config.limits)
+    except InvalidRequest as e:
+        raise RequestError(field or e.field, str(e)) from None
     return width, height
 
 
@@ -281,13 +274,11 @@ def fit_init_image(
     return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
 
 
-def png_bytes(image: Image.Image, infotext: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_bytes_info(infotext))
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------------- mapping
+
+
+A1111_FIELDS = {"guidance": "cfg_scale", "num_images": "batch_size", "sampler": "sampler_name"}
+OPENAI_FIELDS = {"guidance": "guidance_scale", "num_images": "n", "width": "size", "height": "size"}
 
 
 def a1111_calls(
@@ -298,32 +289,23 @@ def a1111_calls(
     strength: float = 0.3,
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
-    count = body.batch_size * body.n_iter
-    check_count(count, config, "batch_size")
-    steps = check_steps(body.steps, config)
-    sampler = resolve_sampler(body.sampler_name or body.sampler_index, "sampler_name")
-    seed = resolve_seed(body.seed, count)
-    if image is None:
-        width, height = body.width or native_size, body.height or native_size
-        check_size(width, height, config)
-    else:
-        width, height = image.size
-    first = GenerationRequest(
+    width, height = (body.width or native_size, body.height or native_size) if image is None else image.size
+    job = GenerationRequest(  # the whole job, checked as one request: its image count and seed range
         prompt=body.prompt or "",
         negative_prompt=body.negative_prompt or "",
-        steps=steps,
+        steps=default_steps(body.steps, config),
         guidance=float(body.cfg_scale),
-        sampler=sampler,
-        seed=seed,
+        sampler=resolve_sampler(body.sampler_name or body.sampler_index, "sampler_name"),
+        seed=None if body.seed == -1 else body.seed,
         width=width,
         height=height,
-        num_images=body.batch_size,
+        num_images=body.batch_size * body.n_iter,
         image=image,
         strength=strength,
     )
-    calls = [replace(first, seed=seed + i * body.batch_size) for i in range(body.n_iter)]
-    first.validate()  # the engine's own checks, before the job waits in the queue
-    return calls
+    job = checked(job, config, {**A1111_FIELDS, "strength": "denoising_strength"})
+    call = replace(job, num_images=body.batch_size)
+    return [replace(call, seed=job.seed + i * body.batch_size) for i in range(body.n_iter)]
 
 
 def a1111_info(
@@ -379,20 +361,17 @@ def openai_call(
     strength: float = 0.3,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
-    n = n or 1
-    check_count(n, config, "n")
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
-        steps=check_steps(steps, config),
+        steps=default_steps(steps, config),
         guidance=5.0 if guidance_scale is None else float(guidance_scale),
         sampler=resolve_sampler(sampler),
-        seed=resolve_seed(seed, n),
+        seed=None if seed == -1 else seed,
         width=size[0],
         height=size[1],
-        num_images=n,
+        num_images=n or 1,
         image=image,
         strength=strength,
     )
-    request.validate()
-    return request
+    return checked(request, config, OPENAI_FIELDS)

@@ -1,0 +1,247 @@
+"""Reading jobs: a JSONL object, a CSV row or a line of text each, checked as GenerationRequests and turned into
+the images they ask for (ImageSpec), with their file names and seeds.
+
+Image i of a job is named `KEY-i.png`, KEY being the job's id made file-safe or, without an id, its line number
+(`000042`). Seeds: image i of a job has the job's seed + i, as with `kolors generate`, so an image is the same
+made alone or in a batch. A job without a seed gets one hashed from the base seed (--seed, default 0) and its
+KEY, so a rerun makes the same image.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kolors.errors import KolorsError
+from kolors.request import FIELDS, GenerationRequest
+
+# A job's fields: the request's, but for image-to-image's, plus an id.
+JOB_FIELDS = ("id", *(f for f in FIELDS if f not in ("image", "strength")))
+WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images"}
+# What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
+DEFAULTS = {
+    k: v
+    for k, v in GenerationRequest(prompt="").as_dict().items()
+    if k in JOB_FIELDS and k not in ("prompt", "seed")
+}
+# What one image's pixels depend on, besides the model: its request with num_images 1 and its own seed.
+IMAGE_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("id", "num_images"))
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image to make: its file, where it came from, and its request (one image, its own seed). A manifest
+    row is the request's fields, the file's and the model."""
+
+    file: str
+    id: str | None
+    line: int
+    index: int
+    request: GenerationRequest
+
+    @property
+    def settings(self) -> tuple:
+        """What the images of one pipeline call must share."""
+        r = self.request
+        return (r.steps, r.guidance, r.sampler, r.width, r.height)
+
+    @property
+    def params(self) -> dict:
+        """What the image's pixels depend on, besides the model."""
+        return {k: getattr(self.request, k) for k in IMAGE_FIELDS}
+
+    def infotext(self, model: str) -> str:
+        return self.request.infotext(self.request.seed, model)
+
+    def row(self, model: str | None = None) -> dict:
+        row = {"file": self.file, "id": self.id, "line": self.line, "index": self.index, **self.params}
+        return row if model is None else {**row, "model": model}
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> ImageSpec:
+        request = GenerationRequest(**{k: row[k] for k in IMAGE_FIELDS})
+        return cls(row["file"], row["id"], row["line"], row["index"], request)
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+def say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def parse_jobs(
+    jobs: str | os.PathLike | Iterable[str | Mapping], *, defaults: Mapping | None = None, seed: int = 0
+) -> tuple[list[ImageSpec], list[BadLine]]:
+    """The images a jobs file (or list) asks for, and the lines that could not be read, by line number."""
+    unknown = sorted(set(defaults or {}) - set(DEFAULTS))
+    if unknown:
+        raise KolorsError(
+            f"unknown default(s) {', '.join(map(repr, unknown))}; they are {', '.join(DEFAULTS)}"
+        )
+    defaults = {**DEFAULTS, **(defaults or {})}
+    specs: list[ImageSpec] = []
+    bad: list[BadLine] = []
+    keys: dict[str, int] = {}  # casefolded file key -> line, so no two jobs share a file, even on macOS
+    for line, record, error in _records(jobs):
+        try:
+            if error:
+                raise KolorsError(error)
+            job = _job_specs(line, record, defaults, seed)
+            key = job[0].file.rsplit("-", 1)[0]
+            if key.casefold() in keys:
+                raise KolorsError(
+                    f"its files ({key}-N.png) would be line {keys[key.casefold()]}'s; "
+                    "give each job its own id"
+                )
+            keys[key.casefold()] = line
+            specs.extend(job)
+        except KolorsError as e:
+            bad.append(BadLine(line, str(e)))
+    return specs, bad
+
+
+def _records(jobs) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, fields, error) for each non-blank line or row of the jobs."""
+    if not isinstance(jobs, (str, os.PathLike)):
+        for n, item in enumerate(jobs, 1):
+            if isinstance(item, str):
+                yield n, {"prompt": item}, None
+            elif isinstance(item, Mapping):
+                yield n, dict(item), None
+            else:
+                yield n, None, f"a job must be a prompt or a dict of fields, not {type(item).__name__}"
+        return
+    path = Path(jobs)
+    if not path.is_file():
+        raise KolorsError(f"jobs file not found: {path}")
+    try:
+        if path.suffix.lower() == ".csv":
+            yield from _csv_records(path)
+            return
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise KolorsError(f"jobs file {path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    # Split on newlines only: str.splitlines would also cut a JSON string at a raw U+2028.
+    lines = [(n, s.strip()) for n, s in enumerate(text.split("\n"), 1) if s.strip()]
+    if path.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
+        yield from ((n, {"prompt": s}, None) for n, s in lines)
+        return
+    if lines and lines[0][1].startswith("["):
+        raise KolorsError(f"{path} holds a JSON array; write one JSON object per line, as a .jsonl file")
+    for n, s in lines:
+        try:
+            record = json.loads(s)
+        except json.JSONDecodeError as e:
+            yield n, None, f"not valid JSON ({e.msg} at column {e.colno})"
+            continue
+        if isinstance(record, dict):
+            yield n, record, None
+        else:
+            yield (
+                n,
+                None,
+                f'a JSONL line must be an object like {{"prompt": "..."}}, not {type(record).__name__}',
+            )
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+            if "prompt" not in header:
+                raise KolorsError(f"{path} has no 'prompt' column in its header line; add one")
+            extra = [h for h in header if h not in JOB_FIELDS]
+            if extra:  # CSV exports often carry other columns: they are ignored, not errors
+                say(f"kolors: {path.name}: ignoring columns {', '.join(map(repr, extra))}")
+            for row in reader:
+                if None in row:
+                    yield reader.line_num, None, "more cells than the header has columns"
+                    continue
+                # An empty cell means the default, as a missing key does in JSONL.
+                yield (
+                    reader.line_num,
+                    {k: v for k, v in row.items() if k in JOB_FIELDS and v not in (None, "")},
+                    None,
+                )
+        except csv.Error as e:
+            raise KolorsError(f"{path} line {reader.line_num}: cannot read the CSV ({e})") from None
+
+
+def _job_specs(line: int, record: dict, defaults: Mapping, base_seed: int) -> list[ImageSpec]:
+    unknown = sorted(set(record) - set(JOB_FIELDS))
+    if unknown:
+        raise KolorsError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(JOB_FIELDS)}"
+        )
+    values = {**defaults, **{k: _typed(k, v) for k, v in record.items() if v is not None}}
+    if not values.get("prompt", "").strip():
+        raise KolorsError('no prompt; every job needs a non-empty "prompt"')
+    job_id = values.pop("id", None)
+    key = f"{line:06d}" if job_id is None else _file_key(job_id)
+    n = values["num_images"]
+    if values.get("seed") is None:
+        values["seed"] = derived_seed(base_seed, key)
+    request = GenerationRequest(**values).validate()
+    request = dataclasses.replace(request, guidance=float(request.guidance), num_images=1)
+    return [
+        ImageSpec(f"{key}-{i}.png", job_id, line, i, dataclasses.replace(request, seed=request.seed + i))
+        for i in range(n)
+    ]
+
+
+def _typed(name: str, value):
+    """A field's value as its type; CSV gives text, so numbers written as text are accepted."""
+    if name in WHOLE_NUMBERS:
+        if isinstance(value, str) and re.fullmatch(r"\s*\+?\d+\s*", value):
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise KolorsError(f"{name} must be a whole number, not {value!r}")
+    if name == "guidance":
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise KolorsError(f"guidance must be a number, not {value!r}")
+    if name == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise KolorsError(f"{name} must be text, not {value!r}")
+
+
+def _file_key(job_id: str) -> str:
+    """The job id as a file name stem: letters, digits, '.', '-' and '_' kept (any script), all else '_', no
+    leading dot, at most 150 bytes; so a name never leaves the output folder or hides in it."""
+    key = re.sub(r"[^\w.-]+", "_", job_id).lstrip(".")
+    while len(key.encode()) > 150:
+        key = key[:-1]
+    if not key.strip("_"):
+        raise KolorsError(f"id {job_id!r} leaves no usable file name; use letters or digits")
+    return key
+
+
+def derived_seed(base: int, key: str) -> int:
+    """The seed of a job that names none: a hash of the base seed and the job's key, below 2**31 so that
+    seed + image index stays a valid seed."""
+    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1

@@ -1,0 +1,50 @@
+"""Making a batch's images: images that share their settings go through one pipeline call, their prompts encoded
+once each (KolorsPipeline.encode_texts), each PNG written and then reported as its manifest row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from kolors.batch.jobs import ImageSpec
+from kolors.pipeline import KolorsPipeline
+from kolors.request import save_png
+
+
+def batches(specs: list[ImageSpec], batch_size: int) -> Iterator[list[ImageSpec]]:
+    """Up to `batch_size` images that can share one pipeline call (same size, steps, guidance and sampler),
+    in job order within each group of settings."""
+    groups: dict[tuple, list[ImageSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.settings, []).append(spec)
+    for group in groups.values():
+        for i in range(0, len(group), batch_size):
+            yield group[i : i + batch_size]
+
+
+def make_images(pipe: KolorsPipeline, chunk: list[ImageSpec], output_dir: Path) -> Iterator[dict]:
+    """Generate `chunk` and write each PNG; yields each image's manifest row once its file is in place."""
+    for spec, image in zip(chunk, generate(pipe, chunk), strict=True):
+        save_png(image, output_dir / spec.file, spec.infotext(pipe.label))
+        yield spec.row(pipe.label)
+
+
+def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "pil"):
+    """The images of `chunk` (one group of settings) from one pipeline call, one seed per image."""
+    first = chunk[0].request
+    cfg = first.guidance > 1.0
+    requests = [s.request for s in chunk]
+    embeds = pipe.encode_texts(
+        [r.prompt for r in requests], [r.negative_prompt for r in requests] if cfg else None
+    )
+    out = pipe(
+        prompt_embeds=embeds,
+        height=first.height,
+        width=first.width,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance,
+        sampler=first.sampler,
+        seed=[r.seed for r in requests],
+        output_type=output_type,
+    )
+    return out.images

@@ -1,0 +1,76 @@
+"""The components of a Kolors-diffusers folder, each built from its sub-folder's config.json on the meta device
+and strictly loaded from its weights: what KolorsPipeline.from_pretrained assembles, and what the benchmarks load
+one at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kolors.config import load_config
+from kolors.models.layers import packer
+from kolors.models.quant import load_quantized
+from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
+from kolors.models.unet import UNet2DConditionModel, UNetConfig
+from kolors.models.vae import AutoencoderKL, VAEConfig
+from kolors.weights import Checkpoint, build_on_meta, load_weights, stream_weights, weight_files
+
+
+def load_text_encoder(
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    variant: str | None = None,
+    quant: str | None = None,
+    stream: bool = False,
+) -> ChatGLMModel:
+    """ChatGLM3 from `folder` (text_encoder/). `quant` ("int8", "int4"): each big matrix quantized as it loads;
+    `stream`: nothing loaded now, each layer fetched when it runs (low memory; kolors.weights.stream)."""
+    model = build_on_meta(lambda: ChatGLMModel(load_config(TextEncoderConfig, folder / "config.json")))
+    checkpoint = Checkpoint(weight_files(folder, variant), checkpoint_keys_transform)
+    if quant is not None:
+        load_quantized(model, checkpoint, quant, dtype=dtype, device=device)
+    elif stream:
+        stream_weights(model, checkpoint, dtype=dtype, device=torch.device(device))
+    else:
+        checkpoint.load(model, dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def load_unet(
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    variant: str | None = None,
+    pack: bool = False,
+) -> UNet2DConditionModel:
+    """The UNet from `folder` (unet/). `pack`: the CPU fast path's pack pass (kolors.models.layers), applied to
+    each weight as soon as it is read, so the plain and packed UNet never both exist."""
+    model = build_on_meta(lambda: UNet2DConditionModel(load_config(UNetConfig, folder / "config.json")))
+    load_weights(
+        model,
+        weight_files(folder, variant),
+        dtype=dtype,
+        device=device,
+        loaded=packer(model) if pack else None,
+    )
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(
+    folder: Path, *, dtype: torch.dtype, device: torch.device | str, variant: str | None = None
+) -> AutoencoderKL:
+    """The VAE from `folder` (vae/), in `dtype` as given (the pipeline chooses float32 for an fp16 model whose
+    config asks for force_upcast: see vae_dtype)."""
+    model = build_on_meta(lambda: AutoencoderKL(load_config(VAEConfig, folder / "config.json")))
+    load_weights(model, weight_files(folder, variant), dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:
+    """The SDXL VAE overflows in fp16: like diffusers' force_upcast, it runs in float32 when the model is fp16."""
+    config = load_config(VAEConfig, folder / "config.json")
+    return torch.float32 if dtype == torch.float16 and config.force_upcast else dtype

@@ -1,0 +1,140 @@
+"""The AUTOMATIC1111 API (/sdapi/v1): txt2img, img2img, progress, interrupt, and the listings its clients read."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from kolors.request import SAMPLERS
+from kolors.serve.http import A1111_ERRORS, error_docs, require_key
+from kolors.serve.schemas import (
+    A1111_SAMPLERS,
+    A1111Response,
+    Detail,
+    Img2ImgRequest,
+    RequestError,
+    Txt2ImgRequest,
+    a1111_calls,
+    a1111_info,
+    checked_size,
+    decode_base64,
+    decode_image,
+    fit_init_image,
+)
+from kolors.serve.state import config, encode, infotext, model, run_job
+
+router = APIRouter(
+    prefix="/sdapi/v1",
+    tags=["AUTOMATIC1111"],
+    dependencies=[Depends(require_key)],
+    responses=error_docs(Detail, 401),
+)
+
+
+async def respond(request: Request, body, calls, parameters: dict) -> A1111Response:
+    results = await run_job(request, calls)
+    info = model(request)
+    pngs = await encode(results, info.label)
+    infotexts = [infotext(r, info.label) for r in results]
+    return A1111Response(
+        images=[base64.b64encode(png).decode() for png, _ in pngs],
+        parameters=parameters,
+        info=json.dumps(
+            a1111_info(body, results, infotexts, info.name, request.app.version), ensure_ascii=False
+        ),
+    )
+
+
+@router.post("/txt2img", response_model=A1111Response, responses=A1111_ERRORS)
+async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
+    """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string."""
+    calls = a1111_calls(body, config(request), model(request).native_size)
+    return await respond(request, body, calls, body.model_dump())
+
+
+@router.post("/img2img", response_model=A1111Response, responses=A1111_ERRORS)
+async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
+    """Image to image from init_images[0], resized to width x height when given, else at its own size."""
+    cfg = config(request)
+    if body.mask:
+        raise RequestError("mask", "inpainting is not supported; send init_images without a mask")
+    data = decode_base64(body.init_images[0], cfg, "init_images")
+    image = await run_in_threadpool(decode_image, data, cfg, "init_images")
+    size = None
+    if body.width is not None or body.height is not None:
+        size = (body.width or image.width - image.width % 8, body.height or image.height - image.height % 8)
+        checked_size(*size, cfg)
+    image = await run_in_threadpool(fit_init_image, image, size, cfg, "init_images")
+    calls = a1111_calls(body, cfg, model(request).native_size, image, body.denoising_strength)
+    parameters = body.model_dump()
+    if not body.include_init_images:
+        parameters["init_images"] = None
+    return await respond(request, body, calls, parameters)
+
+
+@router.get("/progress")
+async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    """The running job: `progress` 0..1, `eta_relative` seconds, its steps; `current_image` is always null."""
+    queue = request.app.state.queue
+    running, waiting = queue.running(), queue.waiting()
+    job = running[0] if running else None
+    state = {
+        "skipped": False,
+        "interrupted": bool(job and job.interrupted),
+        "stopping_generation": False,
+        "job": f"task({job.id})" if job else "",
+        "job_count": len(running) + waiting,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)) if job else "0",
+        "job_no": job.call if job else 0,
+        "sampling_step": job.step if job else 0,
+        "sampling_steps": job.steps if job else 0,
+    }
+    return {
+        "progress": round(job.progress, 4) if job else 0.0,
+        "eta_relative": round(job.eta, 2) if job else 0.0,
+        "state": state,
+        "current_image": None,
+        "textinfo": None,
+    }
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request) -> dict[str, Any]:
+    """Stop the running job after its current step; the images it finished are still answered."""
+    request.app.state.queue.interrupt()
+    return {}
+
+
+@router.get("/samplers")
+async def list_samplers() -> list[dict[str, Any]]:
+    names = [A1111_SAMPLERS.get(key, (key, [])) for key in SAMPLERS]
+    return [{"name": title, "aliases": aliases, "options": {}} for title, aliases in names]
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request) -> list[dict[str, Any]]:
+    name = model(request).name
+    entry = {"title": name, "model_name": name, "filename": name}
+    return [{**entry, "hash": None, "sha256": None, "config": None}]
+
+
+@router.get("/options")
+async def get_options(request: Request) -> dict[str, Any]:
+    return {
+        "sd_model_checkpoint": model(request).name,
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+    }
+
+
+@router.post("/options", responses=error_docs(Detail, 422))
+async def set_options(options: dict[str, Any], request: Request) -> None:
+    """Accepted and ignored, except a request for another checkpoint, which this server cannot load."""
+    wanted, info = options.get("sd_model_checkpoint"), model(request)
+    if wanted is not None and not info.answers_to(str(wanted)):
+        raise RequestError("sd_model_checkpoint", f"this server serves only {info.name!r}")

@@ -1,0 +1,130 @@
+"""The OpenAI Images API (/v1): generations, edits (image to image in OpenAI's multipart form), models."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from kolors.request import MAX_SEED, GenerationRequest
+from kolors.serve.http import OPENAI_ERRORS, error_docs, require_key
+from kolors.serve.schemas import (
+    MAX_PROMPT_CHARS,
+    Detail,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    RequestError,
+    decode_image,
+    fit_init_image,
+    openai_call,
+    parse_size,
+)
+from kolors.serve.state import config, encode, model, run_job
+
+router = APIRouter(
+    prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_key)], responses=error_docs(Detail, 401)
+)
+
+
+def check_model(name: str | None, request: Request) -> None:
+    info = model(request)
+    if name is not None and not info.answers_to(name):
+        raise RequestError("model", f"model {name!r} is not served here; use 'kolors' or {info.name!r}")
+
+
+async def respond(request: Request, call: GenerationRequest, response_format) -> OpenAIImagesResponse:
+    results = await run_job(request, [call])
+    data = []
+    for png, seed in await encode(results, model(request).label):
+        if response_format == "url":
+            name = request.app.state.files.put(png)
+            data.append(OpenAIImage(url=f"{request.base_url}v1/files/{name}.png", seed=seed))
+        else:
+            data.append(OpenAIImage(b64_json=base64.b64encode(png).decode(), seed=seed))
+    width, height = results[0][0].size
+    return OpenAIImagesResponse(created=int(time.time()), data=data, size=f"{width}x{height}")
+
+
+@router.post(
+    "/images/generations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    responses=OPENAI_ERRORS,
+)
+async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImagesResponse:
+    """OpenAI's image generation, plus Kolors' fields; `url` images are served here for a limited time."""
+    check_model(body.model, request)
+    if body.stream:
+        raise RequestError("stream", "streaming is not supported; leave stream unset")
+    native = model(request).native_size
+    size = parse_size(body.size, (native, native), config(request))
+    fields = {"prompt", "n", "negative_prompt", "seed", "steps", "guidance_scale", "sampler"}
+    call = openai_call(config(request), size=size, **body.model_dump(include=fields))
+    return await respond(request, call, body.response_format)
+
+
+@router.post(
+    "/images/edits",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    responses=OPENAI_ERRORS,
+)
+async def edits(
+    request: Request,
+    prompt: Annotated[str, Form(min_length=1, max_length=MAX_PROMPT_CHARS)],
+    image: Annotated[
+        list[UploadFile] | None, File(description="the image to change: PNG, JPEG or WebP")
+    ] = None,
+    image_list: Annotated[list[UploadFile] | None, File(alias="image[]", description="as image")] = None,
+    mask: Annotated[UploadFile | None, File(description="not supported: leave it out")] = None,
+    model_name: Annotated[str | None, Form(alias="model")] = None,
+    n: Annotated[int, Form(ge=1)] = 1,
+    size: Annotated[str | None, Form(description="WxH to resize to; default the image's own size")] = None,
+    response_format: Annotated[Literal["b64_json", "url"] | None, Form()] = None,
+    negative_prompt: Annotated[str, Form(max_length=MAX_PROMPT_CHARS)] = "",
+    seed: Annotated[int | None, Form(ge=-1, le=MAX_SEED, description="-1 or absent: random")] = None,
+    steps: Annotated[int | None, Form(ge=1)] = None,
+    guidance_scale: Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)] = None,
+    sampler: Annotated[str | None, Form()] = None,
+    strength: Annotated[
+        float, Form(ge=0, le=1, allow_inf_nan=False, description="how much to change")
+    ] = 0.75,
+) -> OpenAIImagesResponse:
+    """Image to image in OpenAI's multipart form: `image` and `prompt`, plus Kolors' fields and `strength`."""
+    check_model(model_name, request)
+    cfg = config(request)
+    uploads = (image or []) + (image_list or [])
+    if not uploads:
+        raise RequestError("image", "an image file is required")
+    if mask is not None:
+        raise RequestError("mask", "masks (inpainting) are not supported; send only image")
+    if uploads[0].size is not None and uploads[0].size > cfg.max_upload_bytes:
+        raise RequestError("image", f"over this server's upload limit of {cfg.max_upload_mb:g} MB", 413)
+    data = await uploads[0].read(cfg.max_upload_bytes + 1)
+    init = await run_in_threadpool(decode_image, data, cfg, "image")
+    init = await run_in_threadpool(fit_init_image, init, parse_size(size, None, cfg), cfg, "image")
+    call = openai_call(
+        cfg,
+        prompt=prompt,
+        size=init.size,
+        n=n,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        image=init,
+        strength=strength,
+    )
+    return await respond(request, call, response_format)
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    """The served model, in OpenAI's list shape."""
+    name = model(request).name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kolors"}]}
