@@ -39,11 +39,11 @@ def fast_cpu(x: Tensor) -> bool:
 
 
 # Packed weights (`pack_weights`): oneDNN otherwise reorders each weight into its blocked layout at every call.
-# The layout barely depends on the input's size (measured: a weight packed for 16x16 inputs runs 64x64 ones as
-# fast as one packed for them), so one hint serves every resolution and batch.
+# The layout barely depends on the input's size (a weight packed for small inputs runs large ones as fast as one
+# packed for them: BENCHMARKS.md), so one hint serves every resolution and batch.
 PACK_ROWS_HINT = 512  # matmul rows: CFG batch 2 x 256 pixels at the deepest level of a 512x512 image
 PACK_PIXELS_HINT = 32  # convolution input height and width
-PACK_TRIM_BYTES = 256 * 1024**2  # measured: every 64 MB or 1 GB changed the load time within its noise
+PACK_TRIM_BYTES = 256 * 1024**2  # how much freed memory goes back to the system at once; not critical
 
 
 def pack_linear_weight(weight: Tensor) -> Tensor:
@@ -98,10 +98,9 @@ class Linear(nn.Linear):
 
 
 # Logits per head up to which the CPU fast path attends with two plain matmuls: at 512 px the deepest level's
-# self-attention (256 x 256) and every cross-attention. Measured at full size, bf16, 2 cores: PyTorch's CPU
-# flash kernel runs these at 0.14 TFLOP/s and the matmuls at 0.4; the UNet step 7.76 s instead of 8.00 (median
-# of 6, alternating). The 1024 x 1024 self-attentions of the level above stay with the kernel: there the
-# logits no longer fit the cache and the kernel, which never holds them all, is faster.
+# self-attention (256 x 256) and every cross-attention. PyTorch's CPU flash kernel runs these well below the
+# matmul rate (BENCHMARKS.md, small attentions). The 1024 x 1024 self-attentions of the level above stay with
+# the kernel: there the logits no longer fit the cache and the kernel, which never holds them all, is faster.
 SMALL_ATTENTION_LOGITS = 256 * 256
 
 
@@ -131,7 +130,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def return_freed_memory() -> None:
     """Give memory freed by the process back to the OS now. glibc keeps freed heap chunks for reuse, and a
     weight freed as its replacement of another size is made (pack_weights) leaves its chunk
-    resident: 2.6 GB for the full UNet, measured. A no-op where the C library has no malloc_trim."""
+    resident (gigabytes for the full UNet: BENCHMARKS.md). A no-op where the C library has no malloc_trim."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -158,7 +157,7 @@ def pack_weights(model: nn.Module) -> None:
     MLPs) are plain nn.Linear and stay as they are."""
     for pack in packable(model).values():
         pack()
-        return_freed_memory()  # else the freed plain weights stay resident: +2.6 GB at full size
+        return_freed_memory()  # else the freed plain weights stay resident
 
 
 def packer(model: nn.Module) -> Callable[[str], None]:

@@ -9,8 +9,8 @@ Activations stay in the model dtype: only the stored weights are rounded.
 
 The matmuls use PyTorch's own weight-only kernels on the CPU (torch._weight_int8pack_mm and
 torch._weight_int4pack_mm_for_cpu); elsewhere the weight is dequantized to the activation dtype right before
-the matmul, which any device can do and a GPU does quickly. torchao was tried first (0.18 with torch 2.13):
-its int8 ran 4x slower than bf16 here and its int4 has no CPU path without further packages.
+the matmul, which any device can do and a GPU does quickly. torchao was tried first: its int8 ran slower than
+bf16 on the CPU and its int4 had no CPU path without further packages (BENCHMARKS.md, text encoder).
 
 The int4 CPU kernel wants its own packed layout, made when the layer is quantized on the CPU; those layers
 then run on the CPU only (quantize on the device that runs the model). int8 and the int4 layout used on other

@@ -246,8 +246,8 @@ class SelfAttention(nn.Module):
         # The reference's SDPA path uses the default 1/sqrt(hd) scale; apply_query_key_layer_scaling and
         # attention_softmax_in_fp32 only act in its pre-PyTorch-2 path, so they change nothing here.
         # The bias stays float32 in fp16/bf16 models: bf16 would round ln P by up to 0.016 (a 1.6% weight).
-        # The CPU kernels take it as it is. On an H200 (torch 2.11, CUDA 13) a float32 bias with fp16 queries
-        # gave NaN hidden states, so off the CPU these few packed rows attend in float32 (in bf16 too: exact).
+        # The CPU kernels take it as it is. A GPU kernel given a float32 bias with fp16 queries gave NaN hidden
+        # states (BENCHMARKS.md, GPU), so off the CPU these few packed rows attend in float32 (in bf16 too: exact).
         if bias is not None and bias.dtype != q.dtype and q.device.type != "cpu":
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(q.dtype)
         else:

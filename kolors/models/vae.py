@@ -78,8 +78,8 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # In place on tensors made here, the same values: at 512 px the decoder's activations are 64-128 MB, and
-        # each new one is fresh pages the kernel must clear (full size, bf16, CPU: decode 6.47 s instead of 6.80).
+        # In place on tensors made here, the same values: the decoder's activations are large, and each new one is
+        # fresh pages the kernel must clear (BENCHMARKS.md, VAE decode).
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
@@ -244,7 +244,7 @@ class AutoencoderKL(nn.Module):
 
 
 def channels_last_on_fast_cpu(x: Tensor) -> Tensor:
-    # oneDNN's bf16 convolutions run about 1.2x faster channels-last (BENCHMARKS.md, VAE decode); diffusers
+    # oneDNN's bf16 convolutions run faster channels-last (BENCHMARKS.md, VAE decode); diffusers
     # switches to it only after the mid block's attention. Rounds differently, so bf16 only, as the UNet.
     return x.contiguous(memory_format=torch.channels_last) if fast_cpu(x) else x
 

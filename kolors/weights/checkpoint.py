@@ -1,12 +1,10 @@
-"""Finding, downloading and reading Kolors checkpoints.
+"""Reading Kolors checkpoints (finding and downloading them: kolors.weights.hub).
 
-A model is a folder in the Kolors-diffusers layout (model_index.json and one sub-folder per component) or a hub
-repo id, downloaded through huggingface_hub into its standard cache, only the files the chosen variant needs.
 Weights are read tensor by tensor into a model built on the meta device: each tensor is converted to the target
 dtype and device as it is read, so the full model never exists twice in memory. Loading is strict: a missing,
 unexpected or mis-shaped tensor is an error that names the file, the key and the shapes, raised from the files'
 headers before any data is read. A Checkpoint can also give a few tensors on demand: the low-memory mode streams
-the text encoder's layers from it (kolors/memory.py).
+the text encoder's layers from it (kolors/weights/stream.py).
 """
 
 from __future__ import annotations
@@ -47,9 +45,8 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
 HALF_DTYPES = {torch.float16, torch.bfloat16}
 CAST_CHUNK = 1024**2  # elements: a 4 MB float32 buffer, near the cache
-# One read of a safetensors file. Measured on this machine's virtual disk, uncached, O_DIRECT: 1.2 GB/s in 8 MB
-# requests, 1.5 GB/s in 64 MB, 2.0-2.7 GB/s in 256 MB; in a load, 128 MB: 1.76 GB/s with one reader thread, 1.75
-# with two. So one reader, three buffers (one converting, two read ahead).
+# One read of a safetensors file: large enough that a disk reads at its full rate, small enough that three buffers
+# (one converting, two read ahead by the one reader thread) cost little memory (BENCHMARKS.md, loading).
 READ_BYTES = 128 * 1024**2
 BLOCK = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block: 4096 covers all
 
@@ -412,9 +409,8 @@ def _stream(file: Path, reads: list[_Read], *, direct: bool) -> Iterator[tuple[_
 class _Source:
     """A weight file read in large pieces. A piece mostly in the page cache is read through it (memory speed).
     Any other piece, on Linux, is read with O_DIRECT, straight from the disk into kolors' buffer: through the
-    page cache the kernel spends a core on copying and caching the pages (this machine, 5.2 GB uncached: 4.3 s
-    and 3.7 s of CPU buffered; 1.9-2.3 s and 0.2 s of CPU with O_DIRECT), on a load that needs both cores for
-    casting, and fills the memory with a second copy of weights the process is about to hold. Written by hand:
+    page cache the kernel spends a core on copying and caching the pages (BENCHMARKS.md, loading), on a load that
+    needs every core for casting, and fills the memory with a second copy of weights the process is about to hold. Written by hand:
     safetensors and torch read only through the page cache."""
 
     def __init__(self, file: Path, *, direct: bool):
