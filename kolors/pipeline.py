@@ -30,7 +30,7 @@ from kolors.models.quant import parse_quant, quant_of
 from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig
 from kolors.models.tokenizer import ChatGLMTokenizer
 from kolors.models.unet import UNet2DConditionModel, UNetConfig
-from kolors.models.vae import AutoencoderKL, VAEConfig, sample_latent
+from kolors.models.vae import AutoencoderKL, VAEConfig, latent_preview, sample_latent
 from kolors.noise import randn
 from kolors.request import GenerationRequest, check_seed, check_size, check_values, random_seed
 from kolors.weights import DEFAULT_REPO, check_model_folder, on_device, resolve_model
@@ -232,6 +232,11 @@ class KolorsPipeline:
     def native_size(self) -> int:
         """The side, in pixels, the model was trained at: the default width and height."""
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """A cheap look at scaled latents mid-generation (a step callback's `denoised`): the linear projection of
+        the SDXL latent space to RGB, at latent resolution, no decoder. Reads the latents back to the host."""
+        return [Image.fromarray(a) for a in latent_preview(latents).numpy()]
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
