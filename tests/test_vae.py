@@ -198,3 +198,19 @@ def test_full_size_vae_on_meta_device():
     assert len(state) == 248
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_latent_preview_is_the_sdxl_linear_projection():
+    from kolors.models.vae import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, latent_preview
+
+    latents = torch.zeros(2, 4, 3, 5)
+    latents[1, 0] = 1.0  # the first channel alone: its row of the matrix, plus the bias
+    out = latent_preview(latents)
+    assert out.shape == (2, 3, 5, 3) and out.dtype == torch.uint8
+    expected = [
+        round((w + b + 1) * 127.5) for w, b in zip(SDXL_LATENT_RGB[0], SDXL_LATENT_RGB_BIAS, strict=True)
+    ]
+    assert out[1, 2, 4].tolist() == expected
+    assert out[0, 0, 0].tolist() == [round((b + 1) * 127.5) for b in SDXL_LATENT_RGB_BIAS]
+    with pytest.raises(ValueError, match="4 latent channels"):
+        latent_preview(torch.zeros(1, 16, 2, 2))
