@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ class KolorsPipeline:
             ("vae", VAEConfig),
         ):
             load_config(cls_, root / component / "config.json")
-        scheduler_config = load_config(samplers.SchedulerConfig, root / "scheduler" / "scheduler_config.json")
+        scheduler_config = _scheduler_config(root)
 
         # memory="low": the text encoder is streamed a layer at a time (unless quantized: that one stays, small),
         # and on a GPU the UNet and VAE load into host memory, visiting the device for their stage.
@@ -329,24 +330,29 @@ class KolorsPipeline:
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        sampler: str = "euler",
+        sampler: str | None = None,
+        schedule: str | None = None,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | Sequence[int] | None = None,
         num_images_per_prompt: int = 1,
-        image: Image.Image | str | os.PathLike | None = None,
+        image: Image.Image | str | os.PathLike | np.ndarray | torch.Tensor | list | None = None,
         strength: float = 0.3,
         output_type: str = "pil",
         prompt_embeds: PromptEmbeds | None = None,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> KolorsPipelineOutput:
         """Generate images. `seed=` (an int, or one int per image) is a CPU generator, so a seed gives the same
-        image on any device. `callback(step, num_steps, latents)` runs after each step; raising from it stops
-        the generation."""
+        image on any device. `sampler=None` is the model folder's own scheduler (Kolors': euler), `schedule=`
+        its sigmas ("karras", "exponential"; None: the sampler's default), `eta` DDIM's noise (0 to 1).
+        `callback(step, num_steps, latents, denoised)` runs after each step (both in k-diffusion's space, x0 +
+        sigma * noise); raising from it stops the generation."""
         cfg = guidance_scale > 1.0
         check_values(
             steps=num_inference_steps,
             guidance=guidance_scale,
             sampler=sampler,
+            schedule=schedule,
             strength=strength,
             num_images=num_images_per_prompt,
         )
@@ -354,10 +360,23 @@ class KolorsPipeline:
             raise KolorsError(
                 f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}"
             )
+        plan = samplers.schedule(self.scheduler_config, sampler, num_inference_steps, schedule)
+        _check_eta(eta, plan.sampler)
+        if plan.sampler == "lcm" and (
+            guidance_scale > samplers.LCM_WARN_GUIDANCE or num_inference_steps > samplers.LCM_WARN_STEPS
+        ):
+            warnings.warn(
+                f"lcm is meant for LCM-distilled models, with guidance <= {samplers.LCM_WARN_GUIDANCE:g} and "
+                f"<= {samplers.LCM_WARN_STEPS} steps (here guidance {guidance_scale:g}, {num_inference_steps} steps)",
+                UserWarning,
+                stacklevel=2,
+            )
         if prompt_embeds is None:
             if prompt is None:
                 raise KolorsError("no prompt given; pass prompt='...' (or prompt_embeds from encode_prompt)")
-            prompt_embeds = self.encode_prompt(prompt, negative_prompt if cfg else None)
+            # diffusers encodes "" for a missing negative prompt (force_zeros_for_empty_prompt is false for Kolors)
+            negative = ("" if negative_prompt is None else negative_prompt) if cfg else None
+            prompt_embeds = self.encode_prompt(prompt, negative)
         elif cfg and prompt_embeds.negative_prompt_embeds is None:
             raise KolorsError(
                 "prompt_embeds has no negative embeddings but guidance_scale > 1; encode them too"
@@ -379,9 +398,8 @@ class KolorsPipeline:
             height, width = init.shape[-2:]
         generator, seeds = _generators(generator, seed, batch)
 
-        schedule = samplers.schedule(self.scheduler_config, sampler, num_inference_steps)
-        start = 0 if image is None else samplers.img2img_start(schedule, strength, num_inference_steps)
-        sigmas, timesteps = schedule.sigmas[start:], schedule.timesteps[start:]
+        if image is not None:
+            plan = plan.tail(samplers.img2img_start(plan, strength))
         latent_shape = (
             batch,
             self.unet.config.in_channels,
@@ -390,31 +408,40 @@ class KolorsPipeline:
         )
         if image is None:
             noise = randn(latent_shape, generator, self.device, self.dtype)
-            x = noise.float() * schedule.init_noise_sigma
+            x = noise.float() * plan.init_noise_sigma
         else:
             with self._stage(self.vae):
                 x0 = self._encode_image(init, batch, generator)
-            if len(timesteps) == 0:  # strength too small for any step: the image itself, re-encoded
+            if plan.steps == 0:  # strength too small for any step: the image itself, re-encoded
                 x = x0.float()
             else:
                 noise = randn(x0.shape, generator, self.device, self.dtype)
-                x = samplers.add_noise(x0.float(), noise.float(), sigmas[0])
+                x = samplers.add_noise(x0.float(), noise.float(), plan.sigmas[0])
 
-        steps = len(timesteps)
+        steps = plan.steps
         bar = tqdm(total=steps, disable=not self.progress_bar or steps == 0, desc="kolors", leave=False)
 
-        def on_step(i: int, latents: torch.Tensor) -> None:
+        def on_step(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
             bar.update()
             if callback is not None:
-                callback(i, steps, latents)
+                callback(i, n, latents, denoised)
 
+        extra = {"eta": eta} if plan.sampler == "ddim" else {}
         try:
             with self._stage(self.unet):
                 denoise = self._denoiser(
-                    prompt_embeds, num_images_per_prompt, guidance_scale, sigmas, timesteps, size_ids
+                    prompt_embeds,
+                    num_images_per_prompt,
+                    guidance_scale,
+                    plan.sigmas,
+                    plan.timesteps,
+                    size_ids,
                 )
                 if steps:
-                    x = samplers.sample(sampler, denoise, x, list(sigmas), callback=on_step)
+                    noise = self._step_noise(generator, plan.sampler)
+                    x = samplers.sample(plan, denoise, x, callback=on_step, noise=noise, **extra)
+                    if plan.final_scale != 1.0:  # back to the VP sample diffusers decodes (DDIM's last sigma)
+                        x = x * plan.final_scale
         finally:
             bar.close()
         with self._stage(self.vae):
@@ -422,7 +449,9 @@ class KolorsPipeline:
         return KolorsPipelineOutput(images=images, seeds=seeds)
 
     def generate(
-        self, request: GenerationRequest, callback: Callable[[int, int, torch.Tensor], None] | None = None
+        self,
+        request: GenerationRequest,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> list[tuple[Image.Image, int]]:
         """Make what `request` asks for: (image, seed) pairs, image i seeded by seed + i so each one reproduces
         on its own (a request without a seed draws one). An init image sets the output size."""
@@ -431,8 +460,10 @@ class KolorsPipeline:
     def _denoiser(
         self, embeds: PromptEmbeds, n: int, guidance_scale: float, sigmas, timesteps, size: tuple[int, int]
     ):
-        """The epsilon UNet as a denoiser x0(x, step) with classifier-free guidance: cond and uncond in one
-        batched call, as diffusers does (uncond first)."""
+        """The epsilon UNet as a denoiser x0(x, sigma) with classifier-free guidance: cond and uncond in one
+        batched call, as diffusers does (uncond first). A sigma is fed as diffusers' UNet timestep for it: that of
+        the schedule's grid point, found on the host (a cursor makes a repeated sigma, DDIM's "trailing" -1 whose
+        sigma is also the first one's, the next occurrence)."""
         cfg = guidance_scale > 1.0
 
         def rows(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
@@ -455,9 +486,10 @@ class KolorsPipeline:
         t_device = torch.tensor(
             timesteps, dtype=torch.float32, device=self.device
         )  # one copy, no per-step sync
+        grid = _SigmaGrid(sigmas[: len(timesteps)])
 
-        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
-            sigma = sigmas[i]
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            i = grid.index(sigma)
             x_in = (x / math.sqrt(sigma**2 + 1)).to(self.dtype)
             x_in = torch.cat([x_in, x_in]) if cfg else x_in
             t = t_device[i].expand(x_in.shape[0])
@@ -469,33 +501,82 @@ class KolorsPipeline:
 
         return denoise
 
+    def _step_noise(self, generator, sampler: str) -> Callable[[Sequence[int]], torch.Tensor]:
+        """The per-step noise of a stochastic sampler: drawn from the call's generator(s) in the shape and dtype
+        diffusers draws it (one draw per image for a list of generators), returned as float32 on the device. A
+        CPU generator's draw goes to a GPU through pinned memory without waiting for the device."""
+        dtype = torch.float32 if sampler in samplers.NOISE_IN_FLOAT32 else self.dtype
+        first = generator[0] if isinstance(generator, list) else generator
+        staged = self.device.type == "cuda" and first is not None and first.device.type == "cpu"
+
+        def noise(shape: Sequence[int]) -> torch.Tensor:
+            if staged:
+                z = randn(shape, generator, "cpu", dtype).pin_memory()
+                return z.to(self.device, non_blocking=True).float()
+            return randn(shape, generator, self.device, dtype).float()
+
+        return noise
+
     def _load_image(self, image, height: int | None, width: int | None) -> torch.Tensor:
-        """A PIL image (or a path to one) as a (1, 3, H, W) tensor in [-1, 1], H and W multiples of 8 (resized
-        with Lanczos as diffusers' VaeImageProcessor does)."""
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image)
-        if not isinstance(image, Image.Image):
-            raise KolorsError(f"image must be a PIL image or a path to one, not {type(image).__name__}")
-        image = image.convert("RGB")
+        """The init image(s) as a (N, 3, H, W) float32 tensor in [-1, 1], H and W multiples of the VAE's scale,
+        as diffusers' VaeImageProcessor makes it: PIL images (or paths to them) resized with Lanczos; numpy arrays
+        (HWC or NHWC) and torch tensors (CHW or NCHW) of floats in [0, 1] (already in [-1, 1] when negative values
+        show it) resized nearest; a list of any of them is a batch."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise KolorsError("image is an empty list; pass an image, or a list of them for a batch")
+        images = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
         f = self.vae_scale_factor
-        w, h = width or image.width, height or image.height
-        w, h = w - w % f, h - h % f
-        if w < f or h < f:
+        if all(isinstance(i, Image.Image) for i in images):
+            w, h = width or images[0].width, height or images[0].height
+            w, h = w - w % f, h - h % f
+            _check_image_size(images[0].width, images[0].height, w, h, f)
+            arrays = []
+            for im in images:
+                im = im.convert("RGB")
+                im = im if (w, h) == im.size else im.resize((w, h), resample=Image.LANCZOS)
+                arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+        if all(isinstance(i, np.ndarray) for i in images):
+            batch = np.concatenate(images) if images[0].ndim == 4 else np.stack(images)
+            if batch.ndim != 4 or batch.shape[-1] != 3:
+                raise KolorsError(
+                    f"a numpy image must be HWC or NHWC with 3 channels, not shape {batch.shape}"
+                )
+            batch = torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2)
+        elif all(isinstance(i, torch.Tensor) for i in images):
+            batch = torch.cat(images) if images[0].ndim == 4 else torch.stack(images)
+            if batch.ndim != 4 or batch.shape[1] != 3:
+                raise KolorsError(
+                    f"a tensor image must be CHW or NCHW with 3 channels, not shape {tuple(batch.shape)}"
+                )
+            batch = batch.detach().float().cpu()
+        else:
+            kinds = ", ".join(sorted({type(i).__name__ for i in images}))
             raise KolorsError(
-                f"image of {image.width}x{image.height} is too small; it needs at least {f}x{f} pixels"
+                f"image must be a PIL image, a path, a numpy array or a torch tensor (or a list of one kind), not {kinds}"
             )
-        if (w, h) != image.size:
-            image = image.resize((w, h), resample=Image.LANCZOS)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+        h, w = height or batch.shape[2], width or batch.shape[3]
+        h, w = h - h % f, w - w % f
+        _check_image_size(batch.shape[3], batch.shape[2], w, h, f)
+        if (h, w) != tuple(batch.shape[2:]):
+            batch = torch.nn.functional.interpolate(batch, size=(h, w))
+        return batch if batch.min() < 0 else batch * 2.0 - 1.0  # [0, 1] to [-1, 1]; negatives: already there
 
     def _encode_image(self, image: torch.Tensor, batch: int, generator) -> torch.Tensor:
-        """Scaled VAE latents of the init image, sampled as diffusers' prepare_latents does (one draw per
-        generator when given a list, else one draw repeated over the batch)."""
+        """Scaled VAE latents of the init images, sampled as diffusers' prepare_latents does: with a list of
+        generators the images are repeated to the batch and row i drawn from generator i, else one draw for the
+        images, repeated over the batch."""
+        if batch % image.shape[0]:
+            raise KolorsError(
+                f"{image.shape[0]} init images do not divide into {batch} images; give one or {batch}"
+            )
         vae_dtype = next(self.vae.parameters()).dtype
         image = image.to(self.device, vae_dtype)
         if isinstance(generator, list) and len(generator) > 1:
-            latents = torch.cat([sample_latent(*self.vae.encode(image), g) for g in generator])
+            image = image.repeat(batch // image.shape[0], 1, 1, 1)
+            rows = [sample_latent(*self.vae.encode(image[i : i + 1]), g) for i, g in enumerate(generator)]
+            latents = torch.cat(rows)
         else:
             latents = sample_latent(*self.vae.encode(image), generator)
         latents = (self.vae.config.scaling_factor * latents).to(self.dtype)
@@ -515,7 +596,7 @@ class KolorsPipeline:
 def generate(
     pipe: KolorsPipeline,
     request: GenerationRequest,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[tuple[Image.Image, int]]:
     """KolorsPipeline.generate, for anything that is called like a pipeline (the server's workers wrap theirs)."""
     request = request.validate().with_seed()
@@ -527,6 +608,7 @@ def generate(
         num_inference_steps=request.steps,
         guidance_scale=request.guidance,
         sampler=request.sampler,
+        schedule=request.schedule,
         seed=request.seeds,
         num_images_per_prompt=request.num_images,
         image=request.image,
@@ -537,6 +619,49 @@ def generate(
 
 
 # -------------------------------------------------------------------------------------------------- checks
+
+
+def _check_eta(eta: float, sampler: str) -> None:
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise KolorsError(f"eta must be between 0 and 1, not {eta!r}")
+    if eta and sampler != "ddim":
+        raise KolorsError(f"eta is DDIM's noise; sampler {sampler} takes none (use sampler='ddim' or eta=0)")
+
+
+class _SigmaGrid:
+    """Index of a sigma in the schedule's grid, on the host. Samplers evaluate in order, so the search starts
+    at the last point found: a sigma that occurs twice maps to its next occurrence."""
+
+    def __init__(self, sigmas: Sequence[float]):
+        self.sigmas, self.cursor = tuple(sigmas), 0
+
+    def index(self, sigma: float) -> int:
+        for i in range(self.cursor, len(self.sigmas)):
+            if self.sigmas[i] == sigma:
+                self.cursor = i
+                return i
+        if sigma in self.sigmas:  # a sampler that goes back: the first occurrence
+            self.cursor = self.sigmas.index(sigma)
+            return self.cursor
+        raise KolorsError(
+            f"sigma {sigma!r} is not on the schedule; a sampler may evaluate only its grid points"
+        )
+
+
+def _scheduler_config(root: Path) -> samplers.SchedulerConfig:
+    """scheduler_config.json, with the class diffusers loads it into: model_index.json's (the pipeline's
+    from_pretrained uses that one), else the file's own `_class_name`."""
+    data = read_json(root / "scheduler" / "scheduler_config.json")
+    index = root / "model_index.json"
+    entry = read_json(index).get("scheduler") if index.is_file() else None
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+        data = {**data, "_class_name": entry[1]}
+    return samplers.SchedulerConfig.from_json(data, source=str(root / "scheduler" / "scheduler_config.json"))
+
+
+def _check_image_size(width: int, height: int, w: int, h: int, f: int) -> None:
+    if w < f or h < f:
+        raise KolorsError(f"image of {width}x{height} is too small; it needs at least {f}x{f} pixels")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -27,7 +27,8 @@ from kolors import samplers
 from kolors.errors import KolorsError
 
 MAX_SEED = 2**32 - 1
-SAMPLERS = samplers.SAMPLERS  # the names a request may ask for, here so the faces need not import samplers
+# The names a request may ask for, here so that the faces need not import samplers.
+SAMPLERS, SCHEDULES, A1111_NAMES = samplers.SAMPLERS, samplers.SCHEDULES, samplers.A1111_NAMES
 
 
 class InvalidRequest(KolorsError):
@@ -55,6 +56,7 @@ class GenerationRequest:
     steps: int = 50
     guidance: float = 5.0
     sampler: str = "euler"
+    schedule: str | None = None  # "karras", "exponential"; None: the sampler's own (kolors.samplers)
     seed: int | None = None  # None: drawn at random by `with_seed` and recorded
     width: int = 1024
     height: int = 1024
@@ -68,6 +70,7 @@ class GenerationRequest:
             steps=self.steps,
             guidance=self.guidance,
             sampler=self.sampler,
+            schedule=self.schedule,
             strength=self.strength,
             num_images=self.num_images,
             size=None if self.image is not None else (self.width, self.height),
@@ -93,6 +96,7 @@ class GenerationRequest:
         fields = [
             f"Steps: {self.steps}",
             f"Sampler: {self.sampler}",
+            *([f"Schedule type: {self.schedule}"] if self.schedule else []),
             f"CFG scale: {self.guidance}",
             f"Seed: {seed}",
             f"Size: {width}x{height}",
@@ -117,9 +121,10 @@ def check_values(
     *,
     steps: int,
     guidance: float,
-    sampler: str,
+    sampler: str | None,
     strength: float,
     num_images: int,
+    schedule: str | None = None,
     size: tuple[int, int] | None = None,
     multiple: int = 8,
     limits: Limits | None = None,
@@ -140,9 +145,12 @@ def check_values(
         raise InvalidRequest(
             "guidance", f"guidance scale must be a finite number >= 0, not {guidance!r} (5.0 is typical)"
         )
-    if sampler not in samplers.SAMPLERS:
-        known = ", ".join(samplers.SAMPLERS)
-        raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; choose one of: {known}")
+    try:
+        samplers.check_sampler(sampler, schedule)
+    except KolorsError as e:
+        raise InvalidRequest(
+            "schedule" if "schedule" in str(e).split(";")[0] else "sampler", str(e)
+        ) from None
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
         raise InvalidRequest(
             "strength", f"strength must be between 0 and 1, not {strength!r} (0.3 keeps most of the image)"

@@ -31,14 +31,14 @@ class GatedPipe:
     def __call__(self, *args, callback=None, **kwargs):
         self.calls += 1
 
-        def gated(step, num_steps, latents):
+        def gated(step, num_steps, latents, denoised):
             if self.steps_seen == self.hold_at:
                 self.holding.set()
                 if not self.release.wait(WAIT_S):
                     raise RuntimeError("the test never released the pipeline")
             self.steps_seen += 1
             if callback is not None:
-                callback(step, num_steps, latents)
+                callback(step, num_steps, latents, denoised)
 
         return self._pipe(*args, callback=gated, **kwargs)
 

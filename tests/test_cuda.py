@@ -151,16 +151,18 @@ def test_denoising_loop_never_syncs(pipe, sampler, guidance):
     """CUDA itself says whether a step waits for the device: in sync debug mode "error" any synchronizing
     call (a read back, a blocking copy, a data-dependent shape) raises."""
     embeds = pipe.encode_prompt(["a red car", "一只猫"], negative_prompt="" if guidance > 1 else None)
-    schedule = samplers.schedule(pipe.scheduler_config, sampler, 4)
-    denoise = pipe._denoiser(embeds, 1, guidance, schedule.sigmas, schedule.timesteps, (64, 64))
-    x = torch.randn(2, 4, 8, 8, device=DEVICE) * schedule.init_noise_sigma
+    plan = samplers.schedule(pipe.scheduler_config, sampler, 4)
+    denoise = pipe._denoiser(embeds, 1, guidance, plan.sigmas, plan.timesteps, (64, 64))
+    noise = pipe._step_noise(torch.Generator(DEVICE).manual_seed(0), sampler)
+    extra = {"eta": 1.0} if sampler == "ddim" else {}
+    x = torch.randn(2, 4, 8, 8, device=DEVICE) * plan.init_noise_sigma
     torch.cuda.synchronize()
     steps = []
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.inference_mode():
             out = samplers.sample(
-                sampler, denoise, x, list(schedule.sigmas), callback=lambda i, x: steps.append(i)
+                plan, denoise, x, callback=lambda i, n, x, d: steps.append(i), noise=noise, **extra
             )
     finally:
         torch.cuda.set_sync_debug_mode("default")

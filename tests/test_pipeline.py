@@ -149,9 +149,14 @@ def test_output_types(pipe):
 def test_callback_sees_every_step(pipe):
     seen = []
     pipe(
-        "a cat", **SIZE, num_inference_steps=3, seed=0, callback=lambda i, n, x: seen.append((i, n, x.shape))
+        "a cat",
+        **SIZE,
+        num_inference_steps=3,
+        seed=0,
+        callback=lambda i, n, x, denoised: seen.append((i, n, x.shape, denoised.shape)),
     )
     assert [s[:2] for s in seen] == [(0, 3), (1, 3), (2, 3)]
+    assert all(s[2] == s[3] == (1, 4, 16, 16) for s in seen)  # latents and denoised, 64 px / the tiny VAE's 4
 
 
 def test_fp16_variant_sharded_loads_the_same_weights(tiny_model_dir_fp16, reference_pipeline):
@@ -178,7 +183,15 @@ def test_fp16_variant_sharded_loads_the_same_weights(tiny_model_dir_fp16, refere
         (dict(strength=1.5, image=Image.new("RGB", (64, 64))), "strength must be between 0 and 1"),
         (dict(guidance_scale=float("nan")), "guidance scale must be a finite number"),
         (dict(guidance_scale=-1.0), "guidance scale must be a finite number"),
-        (dict(sampler="ddim"), "unknown sampler 'ddim'; choose one of: euler, dpmpp-2m"),
+        (
+            dict(sampler="dpm"),
+            "unknown sampler 'dpm'; choose one of: euler, euler-a, heun, dpmpp-2m, dpmpp-2m-sde,",
+        ),
+        (dict(schedule="beta"), "unknown schedule 'beta'; choose one of: karras, exponential"),
+        (dict(sampler="lcm", schedule="karras"), "sampler lcm has no karras schedule"),
+        (dict(sampler="lcm", num_inference_steps=51), "lcm takes at most 50 steps"),
+        (dict(eta=0.5), "eta is DDIM's noise; sampler euler takes none"),
+        (dict(sampler="ddim", eta=2.0), "eta must be between 0 and 1"),
         (dict(num_images_per_prompt=0), "number of images must be at least 1"),
         (dict(output_type="jpeg"), "unknown output_type"),
         (dict(seed=-3), "seed must be a whole number"),

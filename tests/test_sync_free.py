@@ -97,15 +97,18 @@ def test_the_recorder_sees_host_reads():
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
 def test_denoising_loop_reads_nothing_back(pipe, sampler, guidance):
-    """Every step of both samplers, guided or not: the UNet, guidance and the sampler update."""
+    """Every step of every sampler, guided or not: the UNet, guidance, the sigma -> timestep lookup, the step
+    noise of the stochastic ones (DDIM with eta) and the sampler update."""
     embeds = pipe.encode_prompt(["a red car", "一只猫"], negative_prompt="" if guidance > 1 else None)
-    schedule = samplers.schedule(pipe.scheduler_config, sampler, 4)
-    denoise = pipe._denoiser(embeds, 1, guidance, schedule.sigmas, schedule.timesteps, (64, 64))
-    x = torch.randn(2, 4, 8, 8) * schedule.init_noise_sigma
+    plan = samplers.schedule(pipe.scheduler_config, sampler, 4)
+    denoise = pipe._denoiser(embeds, 1, guidance, plan.sigmas, plan.timesteps, (64, 64))
+    noise = pipe._step_noise(torch.Generator().manual_seed(0), sampler)
+    extra = {"eta": 1.0} if sampler == "ddim" else {}
+    x = torch.randn(2, 4, 8, 8) * plan.init_noise_sigma
     steps = []
     with torch.inference_mode(), HostReads() as reads:
         out = samplers.sample(
-            sampler, denoise, x, list(schedule.sigmas), callback=lambda i, x: steps.append(i)
+            plan, denoise, x, callback=lambda i, n, x, d: steps.append(i), noise=noise, **extra
         )
     assert steps == [0, 1, 2, 3]
     assert out.isfinite().all()

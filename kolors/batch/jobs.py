@@ -53,7 +53,7 @@ class ImageSpec:
     def settings(self) -> tuple:
         """What the images of one pipeline call must share."""
         r = self.request
-        return (r.steps, r.guidance, r.sampler, r.width, r.height)
+        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height)
 
     @property
     def params(self) -> dict:
@@ -69,7 +69,8 @@ class ImageSpec:
 
     @classmethod
     def from_row(cls, row: Mapping) -> ImageSpec:
-        request = GenerationRequest(**{k: row[k] for k in IMAGE_FIELDS})
+        # .get: manifests written before `schedule` existed lack it (None, the sampler's own)
+        request = GenerationRequest(**{k: row.get(k) if k == "schedule" else row[k] for k in IMAGE_FIELDS})
         return cls(row["file"], row["id"], row["line"], row["index"], request)
 
 

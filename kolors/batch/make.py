@@ -44,6 +44,7 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
         num_inference_steps=first.steps,
         guidance_scale=first.guidance,
         sampler=first.sampler,
+        schedule=first.schedule,
         seed=[r.seed for r in requests],
         output_type=output_type,
     )

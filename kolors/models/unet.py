@@ -50,7 +50,6 @@ class UNetConfig:
     addition_embed_type: str
     addition_time_embed_dim: int
     projection_class_embeddings_input_dim: int
-    encoder_hid_dim: int
     in_channels: int = 4
     out_channels: int = 4
     sample_size: int = 128  # latent size of the default image: 128 x 8 = 1024 pixels for Kolors
@@ -62,6 +61,8 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     encoder_hid_dim_type: str | None = None
+    # None: no encoder_hid_proj, the text states go straight to cross-attention (diffusers' test UNets)
+    encoder_hid_dim: int | None = None
     # Options this engine implements only at their Kolors (and diffusers default) value.
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
@@ -137,6 +138,10 @@ class UNetConfig:
         for name, ok in supported.items():
             if not ok(getattr(self, name)):
                 raise ConfigError(f"unet config: {name}={getattr(self, name)!r} is not supported by kolors")
+        if self.encoder_hid_dim is None and self.encoder_hid_dim_type is not None:
+            raise ConfigError(
+                f"unet config: encoder_hid_dim_type={self.encoder_hid_dim_type!r} needs encoder_hid_dim"
+            )
         for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.heads, strict=True)):
             if channels % heads:
                 raise ConfigError(
@@ -476,7 +481,10 @@ class UNet2DConditionModel(nn.Module):
         chs, temb = cfg.block_out_channels, cfg.time_embed_dim
         self.conv_in = Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
-        self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
+        if cfg.encoder_hid_dim is not None:
+            self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
+        else:  # diffusers' test components: the text states are already cross_attention_dim wide
+            self.encoder_hid_proj = None
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList(
             DownBlock(cfg, i, chs[max(i - 1, 0)], kind == "CrossAttnDownBlock2D")
@@ -512,7 +520,7 @@ class UNet2DConditionModel(nn.Module):
             if merge_pads
             else (encoder_hidden_states, None)
         )
-        context = self.encoder_hid_proj(states)  # (B, L, cross_attention_dim)
+        context = states if self.encoder_hid_proj is None else self.encoder_hid_proj(states)  # (B, L, cross)
         kv = tuple(block.attn2.kv(context) for block in self.transformer_blocks())
         return ContextCache(kv, bias)
 

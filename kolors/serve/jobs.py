@@ -17,6 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -63,6 +64,9 @@ class Job:
     step: int = 0  # steps done in that call
     steps: int = 0  # steps that call runs
     interrupted: bool = False
+    preview: Any = (
+        None  # the latest denoised latents of the call's first image (a device tensor), for /progress
+    )
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: list[Callable[[Job], None]] = field(default_factory=list, repr=False)
@@ -119,10 +123,10 @@ def _call(fn: Callable[[Job], None], job: Job) -> None:
 class JobQueue:
     """Jobs waiting in order (at most `maxsize`), taken by one worker thread per pipeline."""
 
-    def __init__(self, pipes: Sequence, maxsize: int = 64):
+    def __init__(self, pipes: Sequence, maxsize: int = 64, preview_every: int = 1):
         if maxsize < 1:
             raise KolorsError(f"queue size must be at least 1, not {maxsize}")
-        self.pipes, self.maxsize = list(pipes), maxsize
+        self.pipes, self.maxsize, self.preview_every = list(pipes), maxsize, preview_every
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._cond = threading.Condition()
@@ -232,16 +236,18 @@ class JobQueue:
             job._finish(state)
 
     def _run(self, pipe, job: Job) -> JobState:
-        def on_step(step: int, num_steps: int, latents) -> None:
+        def on_step(step: int, num_steps: int, latents, denoised) -> None:
             if job._stop.is_set():
                 raise Interrupted
             job.step, job.steps = step + 1, num_steps
+            if self.preview_every and (step + 1) % self.preview_every == 0:
+                job.preview = denoised[:1]  # kept on the device: read back only when a client asks
 
         try:
             for i, request in enumerate(job.calls):
                 if job._stop.is_set():
                     raise Interrupted
-                job.call, job.step, job.steps = i, 0, request.steps
+                job.call, job.step, job.steps, job.preview = i, 0, request.steps, None
                 for image, seed in generate(pipe, request, callback=on_step):
                     job.results.append((image, seed, request))
             return JobState.DONE
