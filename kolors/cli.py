@@ -51,7 +51,18 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=float, default=5.0, help="classifier-free guidance scale; <= 1 turns it off"
     )
-    p.add_argument("--sampler", default="euler", help="euler (default) or dpmpp-2m (good at 25 steps)")
+    p.add_argument(
+        "--sampler",
+        default="euler",
+        help="euler (default), euler-a, heun, dpmpp-2m (good at 25 steps), dpmpp-2m-sde, unipc, ddim, "
+        "lcm (LCM-distilled models)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=None,
+        choices=["karras", "exponential"],
+        help="the sigma schedule, where the sampler's diffusers scheduler has that flag (default: its own)",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: a random seed, recorded in the PNG")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=1024)
@@ -105,6 +116,12 @@ def add_serve_parser(sub) -> None:
     srv.add_argument("--max-steps", type=int, default=150)
     srv.add_argument("--max-n", type=int, default=8, help="images per request (default: 8)")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload (default: 20)")
+    srv.add_argument(
+        "--preview-every",
+        type=int,
+        default=1,
+        help="a live preview for /sdapi/v1/progress every N steps; 0 turns previews off (default: 1)",
+    )
     srv.add_argument(
         "--url-ttl",
         type=float,
@@ -180,6 +197,7 @@ def batch(args: argparse.Namespace) -> int:
             steps=args.steps,
             guidance=args.guidance,
             sampler=args.sampler,
+            schedule=args.schedule,
             width=args.width,
             height=args.height,
             num_images=args.num_images,
@@ -225,6 +243,7 @@ def generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=float(args.guidance),
         sampler=args.sampler,
+        schedule=args.schedule,
         seed=args.seed,
         width=args.width,
         height=args.height,
@@ -271,6 +290,7 @@ def serve(args: argparse.Namespace) -> int:
         max_n=args.max_n,
         max_upload_mb=args.max_upload_mb,
         url_ttl=args.url_ttl,
+        preview_every=args.preview_every,
     )
     config.check()
     check_bind(args.host, config.api_key)

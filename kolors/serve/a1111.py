@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from typing import Any
@@ -10,15 +11,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from kolors.request import SAMPLERS
+from kolors.request import A1111_NAMES, SAMPLERS
 from kolors.serve.http import A1111_ERRORS, error_docs, require_key
 from kolors.serve.schemas import (
-    A1111_SAMPLERS,
+    A1111_SCHEDULES,
     A1111Response,
     Detail,
     Img2ImgRequest,
     RequestError,
     Txt2ImgRequest,
+    a1111_aliases,
     a1111_calls,
     a1111_info,
     checked_size,
@@ -79,7 +81,9 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
 
 @router.get("/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
-    """The running job: `progress` 0..1, `eta_relative` seconds, its steps; `current_image` is always null."""
+    """The running job: `progress` 0..1, `eta_relative` seconds, its steps, and `current_image`, a base64 PNG
+    of the image forming (a cheap linear preview of the latents; null before the first step, with
+    skip_current_image, or when the server runs with --preview-every 0)."""
     queue = request.app.state.queue
     running, waiting = queue.running(), queue.waiting()
     job = running[0] if running else None
@@ -98,9 +102,23 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
         "progress": round(job.progress, 4) if job else 0.0,
         "eta_relative": round(job.eta, 2) if job else 0.0,
         "state": state,
-        "current_image": None,
+        "current_image": None
+        if skip_current_image or job is None
+        else await preview_png(request, job.preview),
         "textinfo": None,
     }
+
+
+async def preview_png(request: Request, latents) -> str | None:
+    if latents is None:
+        return None
+
+    def work() -> str:
+        buf = io.BytesIO()
+        request.app.state.preview(latents)[0].save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    return await run_in_threadpool(work)
 
 
 @router.post("/interrupt")
@@ -112,8 +130,17 @@ async def interrupt(request: Request) -> dict[str, Any]:
 
 @router.get("/samplers")
 async def list_samplers() -> list[dict[str, Any]]:
-    names = [A1111_SAMPLERS.get(key, (key, [])) for key in SAMPLERS]
-    return [{"name": title, "aliases": aliases, "options": {}} for title, aliases in names]
+    return [{"name": A1111_NAMES[key], "aliases": a1111_aliases(key), "options": {}} for key in SAMPLERS]
+
+
+@router.get("/schedulers")
+async def list_schedulers() -> list[dict[str, Any]]:
+    """A1111 1.9's schedule types: Automatic is each sampler's own; the others apply where diffusers has them."""
+    names = [("automatic", "Automatic"), *A1111_SCHEDULES.items()]
+    return [
+        {"name": key, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for key, label in names
+    ]
 
 
 @router.get("/sd-models")

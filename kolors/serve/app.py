@@ -48,7 +48,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     pipes = list(pipes) if isinstance(pipes, (list, tuple)) else [pipes]
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
-    queue = JobQueue(pipes, maxsize=config.queue_size)
+    queue = JobQueue(pipes, maxsize=config.queue_size, preview_every=config.preview_every)
     # Started here and again at each startup: a client that skips the lifespan still gets working workers, and
     # one that runs it twice (a test harness) gets them back after the first shutdown.
     queue.start()
@@ -68,6 +68,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     app.state.config, app.state.queue = config, queue
     app.state.files = FileStore(config.url_ttl, int(config.url_store_mb * 2**20))
     app.state.model = ModelInfo(pipes[0].name, pipes[0].native_size, pipes[0].label)
+    app.state.preview = pipes[0].preview
     add_error_handlers(app)
     # base64 makes an upload 4/3 larger; the rest of a request is small.
     app.add_middleware(BodyLimit, max_bytes=math.ceil(config.max_upload_bytes * 4 / 3) + 2**20)

@@ -62,7 +62,7 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
         raise RequestError("stream", "streaming is not supported; leave stream unset")
     native = model(request).native_size
     size = parse_size(body.size, (native, native), config(request))
-    fields = {"prompt", "n", "negative_prompt", "seed", "steps", "guidance_scale", "sampler"}
+    fields = {"prompt", "n", "negative_prompt", "seed", "steps", "guidance_scale", "sampler", "schedule"}
     call = openai_call(config(request), size=size, **body.model_dump(include=fields))
     return await respond(request, call, body.response_format)
 
@@ -90,6 +90,7 @@ async def edits(
     steps: Annotated[int | None, Form(ge=1)] = None,
     guidance_scale: Annotated[float | None, Form(ge=0, le=100, allow_inf_nan=False)] = None,
     sampler: Annotated[str | None, Form()] = None,
+    schedule: Annotated[str | None, Form(description="karras or exponential")] = None,
     strength: Annotated[
         float, Form(ge=0, le=1, allow_inf_nan=False, description="how much to change")
     ] = 0.75,
@@ -117,6 +118,7 @@ async def edits(
         steps=steps,
         guidance_scale=guidance_scale,
         sampler=sampler,
+        schedule=schedule,
         image=init,
         strength=strength,
     )

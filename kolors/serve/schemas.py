@@ -21,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kolors.errors import KolorsError
 from kolors.request import (
+    A1111_NAMES,
     MAX_SEED,
     SAMPLERS,
+    SCHEDULES,
     GenerationRequest,
     InvalidRequest,
     Limits,
@@ -32,11 +34,7 @@ from kolors.request import (
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_STEPS = 50
 UPLOAD_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
-# Kolors' samplers under the names AUTOMATIC1111 clients send; dpmpp-2m always uses Karras sigmas.
-A1111_SAMPLERS = {
-    "euler": ("Euler", ["euler", "k_euler"]),
-    "dpmpp-2m": ("DPM++ 2M Karras", ["dpmpp-2m", "DPM++ 2M"]),
-}
+A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
 
 
 @dataclass(frozen=True)
@@ -51,11 +49,14 @@ class ServerConfig:
     max_upload_pixels: int = 4096 * 4096  # an upload is decoded only under this many pixels
     url_ttl: float = 3600.0  # seconds a response_format=url image stays downloadable
     url_store_mb: float = 512.0  # memory for those images; the oldest go first
+    preview_every: int = 1  # a live preview for /sdapi/v1/progress every this many steps; 0: none
 
     def check(self) -> None:
         for name in ("queue_size", "max_width", "max_height", "max_steps", "max_n", "max_upload_pixels"):
             if getattr(self, name) < 1:
                 raise KolorsError(f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not isinstance(self.preview_every, int) or self.preview_every < 0:
+            raise KolorsError(f"preview-every must be a whole number >= 0, not {self.preview_every}")
         for name in ("max_upload_mb", "url_ttl", "url_store_mb"):
             if not getattr(self, name) > 0:
                 raise KolorsError(f"{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
@@ -110,6 +111,7 @@ class A1111Request(BaseModel):
     height: int | None = Field(None, ge=8, description="multiple of 8; default the model's native size")
     sampler_name: str | None = Field(None, description="see /sdapi/v1/samplers; default Euler")
     sampler_index: str | None = Field(None, description="the older name of sampler_name")
+    scheduler: str | None = Field(None, description="Automatic (the sampler's own), Karras or Exponential")
     batch_size: int = Field(1, ge=1, description="images per pipeline call")
     n_iter: int = Field(1, ge=1, description="pipeline calls, one after the other")
 
@@ -152,7 +154,11 @@ class OpenAIImageRequest(BaseModel):
     )
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=100)
-    sampler: str | None = Field(None, description="euler (default) or dpmpp-2m")
+    sampler: str | None = Field(
+        None,
+        description="euler (default), euler-a, heun, dpmpp-2m, dpmpp-2m-sde, unipc, ddim, lcm, or an A1111 name",
+    )
+    schedule: str | None = Field(None, description="karras or exponential; absent: the sampler's own")
 
 
 class OpenAIImage(BaseModel):
@@ -184,14 +190,42 @@ def default_steps(steps: int | None, config: ServerConfig) -> int:
     return min(DEFAULT_STEPS, config.max_steps) if steps is None else steps
 
 
-def resolve_sampler(name: str | None, field: str = "sampler") -> str:
+def a1111_aliases(sampler: str) -> list[str]:
+    """Other names clients send for `sampler`: ours, k-diffusion's (k_euler_a), and A1111's without " Karras"."""
+    title = A1111_NAMES[sampler]
+    return [
+        n for n in (sampler, "k_" + sampler.replace("-", "_"), title.removesuffix(" Karras")) if n != title
+    ]
+
+
+def resolve_sampler(
+    name: str | None, schedule: str | None = None, field: str = "sampler"
+) -> tuple[str, str | None]:
+    """A sampler name as A1111 or Kolors spells it (any case), and an A1111 scheduler (Automatic, Karras,
+    Exponential), as (sampler, schedule). "X Karras" for a sampler whose own schedule is not Karras asks for
+    its Karras schedule, as A1111's names do."""
+    kind = None
+    if schedule not in (None, "") and schedule.lower() != "automatic":
+        kind = schedule.lower()
+        if kind not in SCHEDULES:
+            known = ", ".join(["Automatic", *A1111_SCHEDULES.values()])
+            raise RequestError(
+                "scheduler" if field == "sampler_name" else "schedule",
+                f"unknown schedule {schedule!r}; choose one of: {known}",
+            )
     if name is None or name == "":
-        return "euler"
+        return "euler", kind
+    wanted = name.strip().lower()
     for key in SAMPLERS:
-        title, aliases = A1111_SAMPLERS.get(key, (key, []))
-        if name.lower() in {key, title.lower(), *(a.lower() for a in aliases)}:
-            return key
-    known = ", ".join(A1111_SAMPLERS.get(k, (k,))[0] for k in SAMPLERS)
+        if wanted in {n.lower() for n in (A1111_NAMES[key], *a1111_aliases(key))}:
+            return key, kind
+    for key in SAMPLERS:  # "Euler Karras": the sampler with a schedule of its name
+        for suffix, schedule_name in A1111_SCHEDULES.items():
+            if wanted in {
+                f"{n.lower()} {schedule_name.lower()}" for n in (A1111_NAMES[key], *a1111_aliases(key))
+            }:
+                return key, kind or suffix
+    known = ", ".join(A1111_NAMES[k] for k in SAMPLERS)
     raise RequestError(field, f"unknown sampler {name!r}; choose one of: {known} (or {', '.join(SAMPLERS)})")
 
 
@@ -277,7 +311,12 @@ def fit_init_image(
 # ---------------------------------------------------------------------------------------------------- mapping
 
 
-A1111_FIELDS = {"guidance": "cfg_scale", "num_images": "batch_size", "sampler": "sampler_name"}
+A1111_FIELDS = {
+    "guidance": "cfg_scale",
+    "num_images": "batch_size",
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+}
 OPENAI_FIELDS = {"guidance": "guidance_scale", "num_images": "n", "width": "size", "height": "size"}
 
 
@@ -290,12 +329,16 @@ def a1111_calls(
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
     width, height = (body.width or native_size, body.height or native_size) if image is None else image.size
+    sampler, schedule = resolve_sampler(
+        body.sampler_name or body.sampler_index, body.scheduler, "sampler_name"
+    )
     job = GenerationRequest(  # the whole job, checked as one request: its image count and seed range
         prompt=body.prompt or "",
         negative_prompt=body.negative_prompt or "",
         steps=default_steps(body.steps, config),
         guidance=float(body.cfg_scale),
-        sampler=resolve_sampler(body.sampler_name or body.sampler_index, "sampler_name"),
+        sampler=sampler,
+        schedule=schedule,
         seed=None if body.seed == -1 else body.seed,
         width=width,
         height=height,
@@ -329,7 +372,8 @@ def a1111_info(
         "subseed_strength": 0,
         "width": results[0][0].width,
         "height": results[0][0].height,
-        "sampler_name": A1111_SAMPLERS.get(first.sampler, (first.sampler,))[0],
+        "sampler_name": A1111_NAMES[first.sampler],
+        "scheduler": A1111_SCHEDULES.get(first.schedule, "Automatic"),
         "cfg_scale": first.guidance,
         "steps": first.steps,
         "batch_size": body.batch_size,
@@ -357,6 +401,7 @@ def openai_call(
     steps: int | None = None,
     guidance_scale: float | None = None,
     sampler: str | None = None,
+    schedule: str | None = None,
     image: Image.Image | None = None,
     strength: float = 0.3,
 ) -> GenerationRequest:
@@ -366,7 +411,8 @@ def openai_call(
         negative_prompt=negative_prompt or "",
         steps=default_steps(steps, config),
         guidance=5.0 if guidance_scale is None else float(guidance_scale),
-        sampler=resolve_sampler(sampler),
+        sampler=resolve_sampler(sampler, schedule)[0],
+        schedule=resolve_sampler(sampler, schedule)[1],
         seed=None if seed == -1 else seed,
         width=size[0],
         height=size[1],

@@ -125,6 +125,7 @@ function setBusy(on) {
   $("interrupt").disabled = !on;
   $("generate-form").setAttribute("aria-busy", String(on));
   $("progress-box").hidden = !on;
+  if (!on) $("preview").hidden = true;
   if (on) {
     $("progress").value = 0;
     $("progress-text").textContent = "Sending…";
@@ -154,7 +155,7 @@ async function generate(event) {
 async function pollProgress(id) {
   while (busy && id === run) {
     try {
-      const p = await api("sdapi/v1/progress?skip_current_image=true");
+      const p = await api("sdapi/v1/progress");
       if (!busy || id !== run) break;
       showProgress(p);
     } catch {
@@ -169,6 +170,9 @@ function showProgress(p) {
   const step = state.sampling_step || 0;
   const steps = state.sampling_steps || 0;
   $("progress").value = Math.min(1, Math.max(0, p.progress || 0));
+  // The server's cheap preview of the running job (null until its first step, or when previews are off).
+  if (p.current_image) $("preview").src = `data:image/png;base64,${p.current_image}`;
+  $("preview").hidden = !p.current_image;
   if (state.interrupted) {
     $("progress-text").textContent = "Interrupting…";
   } else if (steps > 0) {
