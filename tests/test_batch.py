@@ -115,6 +115,7 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
         "steps": 3,
         "guidance": 1.0,
         "sampler": "euler",
+        "schedule": None,
         "width": 64,
         "height": 64,
         "model": None,

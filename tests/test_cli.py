@@ -156,7 +156,7 @@ def test_image_to_image(tiny_model_dir, tmp_path, capsys):
         (["--steps", "0"], "steps must be"),
         (["--strength", "2"], "strength must be between 0 and 1"),
         (["--guidance", "nan"], "guidance scale must be a finite number"),
-        (["--sampler", "plms"], "unknown sampler 'plms'; choose one of: euler, dpmpp-2m"),
+        (["--sampler", "plms"], "unknown sampler 'plms'; choose one of: euler, euler-a, heun, dpmpp-2m"),
         (["--image", "missing.png"], "image file not found"),
         (["--image", "NOTANIMAGE"], "cannot decode image"),
         (["--model", "NOMODEL"], "is incomplete: missing"),

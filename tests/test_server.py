@@ -119,6 +119,47 @@ def test_sampler_names_and_aliases(client, name):
     assert "Sampler: dpmpp-2m" in info["infotexts"][0] and info["sampler_name"] == "DPM++ 2M Karras"
 
 
+@pytest.mark.parametrize(
+    ("fields", "sampler", "schedule"),
+    [
+        ({"sampler_name": "Euler a"}, "euler-a", None),
+        ({"sampler_name": "k_euler_a"}, "euler-a", None),
+        ({"sampler_name": "DPM++ 2M SDE Karras"}, "dpmpp-2m-sde", None),
+        ({"sampler_name": "unipc"}, "unipc", None),
+        ({"sampler_name": "Euler", "scheduler": "Karras"}, "euler", "karras"),
+        ({"sampler_name": "Heun Karras"}, "heun", "karras"),
+        ({"sampler_name": "DDIM", "scheduler": "Automatic"}, "ddim", None),
+    ],
+)
+def test_every_sampler_and_schedule_by_its_a1111_name(client, pipe, fields, sampler, schedule):
+    """The image is the pipeline's for the sampler and schedule the names mean, and its parameters say them."""
+    body = txt2img(client, seed=5, width=32, height=32, steps=2, **fields)
+    info = json.loads(body["info"])
+    text = info["infotexts"][0]
+    assert f"Sampler: {sampler}," in text and (f"Schedule type: {schedule}" in text) == (schedule is not None)
+    kwargs = dict(height=32, width=32, num_inference_steps=2, sampler=sampler, schedule=schedule, seed=[5])
+    expected = pipe("一只瓢虫, macro photo", **kwargs)
+    diff = np.abs(np.asarray(decode_png(body["images"][0]), dtype=np.int16) - np.asarray(expected.images[0]))
+    assert diff.max() <= 1
+
+
+def test_samplers_and_schedulers_are_listed(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    assert [s["name"] for s in samplers] == [
+        "Euler",
+        "Euler a",
+        "Heun",
+        "DPM++ 2M Karras",
+        "DPM++ 2M SDE Karras",
+        "UniPC",
+        "DDIM",
+        "LCM",
+    ]
+    assert "DPM++ 2M" in samplers[3]["aliases"] and "k_euler_a" in samplers[1]["aliases"]
+    labels = [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert labels == ["Automatic", "Karras", "Exponential"]
+
+
 def test_unknown_fields_are_ignored_as_a1111_does(client):
     body = txt2img(
         client,
@@ -179,7 +220,9 @@ def test_progress_samplers_models_and_options_shapes(client, pipe):
     assert progress["progress"] == 0 and progress["eta_relative"] == 0 and progress["current_image"] is None
     assert progress["state"]["job_count"] == 0 and progress["state"]["interrupted"] is False
     samplers = client.get("/sdapi/v1/samplers").json()
-    assert [s["name"] for s in samplers] == ["Euler", "DPM++ 2M Karras"]
+    assert [s["name"] for s in samplers][:1] == ["Euler"] and "DPM++ 2M Karras" in [
+        s["name"] for s in samplers
+    ]
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == pipe.name
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == pipe.name

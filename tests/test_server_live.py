@@ -142,6 +142,31 @@ def test_a_full_queue_answers_429_and_loses_nothing(pipe):
 # ------------------------------------------------------------------------------------------------ interrupt
 
 
+def test_progress_shows_the_image_forming(pipe):
+    """Held after the first step: /progress answers the linear preview of that step's denoised latents as a
+    PNG at latent size; skip_current_image and --preview-every 0 leave it out."""
+    for every, expected in ((1, True), (0, False)):
+        gated = GatedPipe(pipe, hold_at=1)
+        app = create_app(gated, ServerConfig(**LIMITS, preview_every=every))
+        with live_server(app) as base, ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post, base, "/sdapi/v1/txt2img", {**SMALL, "steps": 2, "seed": 4})
+            try:
+                assert gated.holding.wait(WAIT_S)
+                current = progress(base)["current_image"]
+                skipped = httpx.get(
+                    f"{base}/sdapi/v1/progress?skip_current_image=true", timeout=WAIT_S
+                ).json()
+            finally:
+                gated.release.set()
+            assert answer.result().status_code == 200
+        assert skipped["current_image"] is None
+        assert (current is not None) == expected
+        if expected:
+            preview = decode_png(current)
+            f = pipe.vae_scale_factor  # the preview is at latent size
+            assert preview.size == (SMALL["width"] // f, SMALL["height"] // f)
+
+
 def test_interrupt_stops_the_running_job_and_keeps_finished_images(pipe):
     """Two iterations of two steps, held at the second iteration's second step: progress says so; the interrupt
     stops it there and the first iteration's image is answered."""
