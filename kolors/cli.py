@@ -98,6 +98,14 @@ def add_serve_parser(sub) -> None:
         help="Bearer token every API call must carry (default: $KOLORS_API_KEY); required off localhost",
     )
     srv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to answer without an API key besides localhost and loopback addresses (repeatable; "
+        "e.g. the machine's name behind a reverse proxy); others are refused against DNS rebinding",
+    )
+    srv.add_argument(
         "--queue-size", type=int, default=64, help="jobs that may wait; more get 429 (default: 64)"
     )
     srv.add_argument("--max-width", type=int, default=2048)
@@ -271,6 +279,7 @@ def serve(args: argparse.Namespace) -> int:
         max_n=args.max_n,
         max_upload_mb=args.max_upload_mb,
         url_ttl=args.url_ttl,
+        allowed_hosts=tuple(args.allowed_host),
     )
     config.check()
     check_bind(args.host, config.api_key)

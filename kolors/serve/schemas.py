@@ -51,6 +51,7 @@ class ServerConfig:
     max_upload_pixels: int = 4096 * 4096  # an upload is decoded only under this many pixels
     url_ttl: float = 3600.0  # seconds a response_format=url image stays downloadable
     url_store_mb: float = 512.0  # memory for those images; the oldest go first
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered without a key, beyond the loopback ones
 
     def check(self) -> None:
         for name in ("queue_size", "max_width", "max_height", "max_steps", "max_n", "max_upload_pixels"):
