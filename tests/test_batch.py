@@ -380,3 +380,34 @@ def test_ray_path_matches_the_local_path(pipe, tiny_model_dir, tmp_path):
     for name in pngs(tmp_path / "local"):
         diff = np.abs(pixels(tmp_path / "ray" / name) - pixels(tmp_path / "local" / name))
         assert diff.max() <= 1, name
+
+
+def test_batch_writes_through_no_link_it_did_not_make(pipe, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    jobs = [{"prompt": "a cat", "seed": 1, "id": "cat"}]
+    for name in (".kolors-batch.lock", MANIFEST):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        (out / name).symlink_to(victim)
+        with pytest.raises(KolorsError, match="symbolic link"):
+            run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+        assert victim.read_text() == "precious\n" and not pngs(out)
+    # an image name or the manifest's temporary file pointing elsewhere: replaced, the target untouched
+    out = tmp_path / "out"
+    run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+    (out / "cat-0.png").unlink()
+    (out / "cat-0.png").symlink_to(victim)
+    (out / ".manifest.jsonl.tmp").symlink_to(victim)
+    summary = run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+    assert summary.done == 1 and not (out / "cat-0.png").is_symlink()
+    assert victim.read_text() == "precious\n"
+    check_consistent(out, {"cat-0.png"})
+
+
+def test_the_lock_file_is_never_truncated(pipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".kolors-batch.lock").write_text("kept")
+    run(["a cat"], out, pipe=pipe, defaults=SMALL, progress=False)
+    assert (out / ".kolors-batch.lock").read_text() == "kept"
