@@ -145,13 +145,19 @@ def claim(output_dir: Path) -> Iterator[None]:
 
 def plan(specs: list[ImageSpec], output_dir: Path, manifest: Manifest) -> tuple[list[ImageSpec], int]:
     """The images still to make, and how many are done already; re-adds finished PNGs the manifest missed."""
-    pending, skipped, changed = [], 0, []
+    pending, skipped, changed, adopted = [], 0, [], []
+    legacy = _line_keyed(manifest)
     for spec in specs:
         row = manifest.rows.get(spec.file)
         if row is not None:
             skipped += 1
             if ImageSpec.from_row(row).params != spec.params:
                 changed.append(spec.file)
+            continue
+        old = legacy.pop(_without_seed(spec), None) if spec.keyed_by == "content" else None
+        if old is not None:  # made by an earlier kolors under its line number: the same job, kept
+            adopted.append(old)
+            skipped += 1
             continue
         model = _made_by(output_dir / spec.file, spec)
         if model is None:
@@ -164,7 +170,27 @@ def plan(specs: list[ImageSpec], output_dir: Path, manifest: Manifest) -> tuple[
             f"kolors: {len(changed)} finished image(s), e.g. {changed[0]}, were made with other parameters "
             "than their jobs now ask for; kept (delete them to make them again)"
         )
+    if adopted:
+        say(
+            f"kolors: {len(adopted)} image(s) named by line number by an earlier kolors, e.g. {adopted[0]}, are "
+            "their jobs' images; kept under their names (jobs without an id are now named by their content)"
+        )
     return pending, skipped
+
+
+def _without_seed(spec: ImageSpec) -> tuple:
+    return (spec.index, *(v for k, v in sorted(spec.params.items()) if k != "seed"))
+
+
+def _line_keyed(manifest: Manifest) -> dict[tuple, str]:
+    """The images of jobs without an id that runs before content keys named by line number (000042-0.png), by
+    what they show (the seed aside: it was derived from the line), so upgrading does not make them again."""
+    found = {}
+    for name, row in manifest.rows.items():
+        spec = ImageSpec.from_row(row)
+        if spec.keyed_by == "line":
+            found.setdefault(_without_seed(spec), name)
+    return found
 
 
 def _made_by(path: Path, spec: ImageSpec) -> str | None:
