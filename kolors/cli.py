@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from kolors.errors import KolorsError
@@ -45,7 +46,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_generation_options(p: argparse.ArgumentParser) -> None:
+def add_generation_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    """The request's options; `batch`: as `kolors batch` reads them (defaults for jobs, text-to-image only)."""
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument(
@@ -63,12 +65,42 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
         choices=["karras", "exponential"],
         help="the sigma schedule, where the sampler's diffusers scheduler has that flag (default: its own)",
     )
-    p.add_argument("--seed", type=int, default=None, help="default: a random seed, recorded in the PNG")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    if batch:
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="base seed: a job without a seed gets one derived from this and the job (default: 0)",
+        )
+    else:
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help="image i gets seed + i (default: random, recorded in the PNG)",
+        )
+    size = "image-to-image: resize the image to it (default: the image's own size)"
+    p.add_argument("--width", type=int, default=None if not batch else 1024, help=None if batch else size)
+    p.add_argument("--height", type=int, default=None if not batch else 1024, help=None if batch else size)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--image", default=None, help="init image for image-to-image (size taken from it)")
-    p.add_argument("--strength", type=float, default=0.3, help="image-to-image: how much to change (0..1)")
+    if batch:
+        for name, default, what in (
+            ("--max-width", 2048, "pixels"),
+            ("--max-height", 2048, "pixels"),
+            ("--max-steps", 150, "steps"),
+            ("--max-images", 8, "images per job"),
+        ):
+            p.add_argument(
+                name,
+                type=int,
+                default=default,
+                help=f"refuse jobs over this many {what} (default: %(default)s)",
+            )
+        return
+    p.add_argument("--image", default=None, help="init image for image-to-image")
+    p.add_argument(
+        "--strength", type=float, default=None, help="image-to-image: how much to change (0..1, default 0.3)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         "-o",
         default=None,
-        help="PNG path (default: kolors-SEED.png); several images get -1, -2, ... before the extension",
+        help="PNG path (default: kolors-SEED.png); image i of several gets -i before the extension (-0, -1, ...: "
+        "its seed is seed + i), as kolors batch names them",
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     dl = sub.add_parser("download", help="download a model into the Hugging Face cache (then usable offline)")
@@ -107,6 +140,14 @@ def add_serve_parser(sub) -> None:
         "--api-key",
         default=os.environ.get("KOLORS_API_KEY"),
         help="Bearer token every API call must carry (default: $KOLORS_API_KEY); required off localhost",
+    )
+    srv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to answer without an API key besides localhost and loopback addresses (repeatable; "
+        "e.g. the machine's name behind a reverse proxy); others are refused against DNS rebinding",
     )
     srv.add_argument(
         "--queue-size", type=int, default=64, help="jobs that may wait; more get 429 (default: 64)"
@@ -162,9 +203,8 @@ def add_batch_parser(sub) -> None:
         "--ray-cpus-per-actor", type=int, default=4, help="CPUs per actor without GPUs (default: 4)"
     )
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_generation_options(bat)
+    add_generation_options(bat, batch=True)
     add_model_options(bat)
-    bat.set_defaults(seed=0)
 
 
 # from_pretrained keywords beyond model, dtype, device and variant
@@ -176,11 +216,8 @@ def batch(args: argparse.Namespace) -> int:
     import signal
 
     from kolors.batch import run as run_batch
+    from kolors.request import Limits
 
-    if args.image:
-        raise KolorsError(
-            "batch jobs are text-to-image; --image is not supported there (use kolors generate)"
-        )
     # SIGTERM (a scheduler stopping the job) ends the run as Ctrl-C does: the image being written is dropped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     summary = run_batch(
@@ -209,6 +246,7 @@ def batch(args: argparse.Namespace) -> int:
         ray_actors=args.ray_actors,
         ray_cpus_per_actor=args.ray_cpus_per_actor,
         progress=not args.quiet,
+        limits=Limits(args.max_width, args.max_height, args.max_steps, args.max_images),
     )
     return 0 if summary.failed == 0 else 1
 
@@ -221,6 +259,7 @@ def download(args: argparse.Namespace) -> int:
 
 
 def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
+    """The PNG paths, checked writable before any model is loaded: image i of several is NAME-i.png."""
     path = Path(output) if output else Path(f"kolors-{seed}.png")
     if path.suffix.lower() != ".png":
         raise KolorsError(
@@ -228,15 +267,32 @@ def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
         )
     if not path.parent.is_dir():
         raise KolorsError(f"output folder {path.parent} does not exist; create it or choose another --output")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)]
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    for p in paths:
+        if p.is_dir():
+            raise KolorsError(f"output {p} is a folder; give a file name ending in .png")
+    try:  # what save_png will do: a temporary file in that folder, renamed into place
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise KolorsError(
+            f"cannot write to the output folder {path.parent} ({e.strerror}); choose another --output"
+        ) from None
+    return paths
 
 
 def generate(args: argparse.Namespace) -> int:
-    from kolors.pipeline import KolorsPipeline, load_image
-    from kolors.request import GenerationRequest, save_png
+    from PIL import Image
 
+    from kolors.pipeline import KolorsPipeline, load_image
+    from kolors.request import GenerationRequest, check_size, save_png
+
+    image = load_image(args.image) if args.image else None
+    if image is not None and (args.width or args.height):
+        # As the server does: the image is resized to the size asked for (a missing side keeps the image's,
+        # rounded down to 8), and the pipeline is given the image alone, so no size changes its conditioning.
+        size = (args.width or image.width - image.width % 8, args.height or image.height - image.height % 8)
+        check_size(*size)
+        image = image.convert("RGB").resize(size, resample=Image.LANCZOS)
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -245,15 +301,19 @@ def generate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         schedule=args.schedule,
         seed=args.seed,
-        width=args.width,
-        height=args.height,
+        width=args.width or 1024,
+        height=args.height or 1024,
         num_images=args.num_images,
-        image=load_image(args.image) if args.image else None,
-        strength=args.strength,
+        image=image,
+        strength=0.3 if args.strength is None else args.strength,
     )
     request = request.validate().with_seed()
     seed = request.seed
     paths = output_paths(args.output, seed, args.num_images)
+    if args.strength is not None and image is None:
+        print(
+            "kolors: warning: --strength applies only to image-to-image (--image); ignored", file=sys.stderr
+        )
 
     pipe = KolorsPipeline.from_pretrained(
         args.model,
@@ -291,6 +351,7 @@ def serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         url_ttl=args.url_ttl,
         preview_every=args.preview_every,
+        allowed_hosts=tuple(args.allowed_host),
     )
     config.check()
     check_bind(args.host, config.api_key)
@@ -304,7 +365,15 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the CLI's other messages: one line on stderr, without the Python source line behind them."""
+    print(f"kolors: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

@@ -49,6 +49,11 @@ class Limits:
     max_images: int | None = None
 
 
+# The bounds `kolors serve` and `kolors batch` apply unless told otherwise (--max-width, ...): a request past
+# them is refused before it reaches the device, where it would fail late or take the machine's memory.
+DEFAULT_LIMITS = Limits(max_width=2048, max_height=2048, max_steps=150, max_images=8)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -135,7 +140,7 @@ def check_values(
     if not _whole(steps) or steps < 1:
         raise InvalidRequest("steps", f"steps must be a whole number of at least 1, not {steps!r}")
     if limits.max_steps is not None and steps > limits.max_steps:
-        raise InvalidRequest("steps", f"{steps} steps is over this server's limit of {limits.max_steps}")
+        raise InvalidRequest("steps", f"{steps} steps is over the limit of {limits.max_steps}")
     if (
         isinstance(guidance, bool)
         or not isinstance(guidance, (int, float))
@@ -160,7 +165,7 @@ def check_values(
     if limits.max_images is not None and num_images > limits.max_images:
         raise InvalidRequest(
             "num_images",
-            f"{num_images} images is over this server's limit of {limits.max_images} per request",
+            f"{num_images} images is over the limit of {limits.max_images} per request",
         )
     if size is not None:
         check_size(*size, multiple=multiple, limits=limits)
@@ -180,7 +185,7 @@ def check_size(width: int, height: int, *, multiple: int = 8, limits: Limits | N
                 name, f"{name} {value} is not a multiple of {multiple}; use {low} or {low + multiple}"
             )
         if limit is not None and value > limit:
-            raise InvalidRequest(name, f"{name} {value} is over this server's limit of {limit} pixels")
+            raise InvalidRequest(name, f"{name} {value} is over the limit of {limit} pixels")
 
 
 def check_seed(seed: int | None, count: int = 1) -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 from kolors import KolorsError, KolorsPipeline
 from kolors.batch import MANIFEST, batches, derived_seed, generate, parse_jobs, run
 from kolors.cli import main
-from kolors.request import read_parameters, save_png
+from kolors.request import Limits, read_parameters, save_png
 
 SMALL = dict(steps=3, width=64, height=64)
 MODEL_ARGS = ["--dtype", "float32", "--device", "cpu", "--steps", "3", "--width", "64", "--height", "64"]
@@ -57,6 +57,14 @@ def check_consistent(folder: Path, expected: set[str]) -> None:
 # -------------------------------------------------------------------------------------------------- formats
 
 
+def by_prompt(folder: Path) -> dict[str, list[dict]]:
+    """The manifest's rows per prompt, in image order."""
+    rows: dict[str, list[dict]] = {}
+    for row in sorted(manifest(folder), key=lambda r: r["index"]):
+        rows.setdefault(row["prompt"], []).append(row)
+    return rows
+
+
 def test_text_jobs_names_seeds_and_parameters(pipe, tmp_path):
     jobs = tmp_path / "prompts.txt"
     jobs.write_text("一只猫\n\n  a red apple  \n", encoding="utf-8")
@@ -64,21 +72,97 @@ def test_text_jobs_names_seeds_and_parameters(pipe, tmp_path):
     summary = run(jobs, out, pipe=pipe, defaults=dict(SMALL, num_images=2), seed=7, progress=False)
 
     assert (summary.done, summary.skipped, summary.failed) == (4, 0, 0)
-    expected = {"000001-0.png", "000001-1.png", "000003-0.png", "000003-1.png"}
-    check_consistent(out, expected)
-    rows = {r["file"]: r for r in manifest(out)}
-    # No seed in the job: hashed from the base seed and the line, then + image index.
-    assert rows["000003-0.png"]["seed"] == derived_seed(7, "000003")
-    assert rows["000003-1.png"]["seed"] == derived_seed(7, "000003") + 1
-    assert rows["000003-1.png"]["prompt"] == "a red apple" and rows["000003-1.png"]["line"] == 3
-    assert read_parameters(out / "000001-1.png") == (
+    rows = by_prompt(out)
+    cat, apple = rows["一只猫"], rows["a red apple"]
+    key = apple[0]["file"].rsplit("-", 1)[0]  # named by its content: the prompt's words and a hash
+    assert re.fullmatch(r"a_red_apple-[0-9a-f]{10}", key) and cat[0]["file"].startswith("一只猫-")
+    check_consistent(out, {r["file"] for r in cat + apple})
+    assert [r["file"] for r in apple] == [f"{key}-0.png", f"{key}-1.png"]
+    assert apple[0]["keyed_by"] == "content" and apple[0]["line"] == 3 and apple[0]["id"] is None
+    # No seed in the job: hashed from the base seed and the key, then + image index.
+    assert [r["seed"] for r in apple] == [derived_seed(7, key), derived_seed(7, key) + 1]
+    cat_key = cat[0]["file"].rsplit("-", 1)[0]
+    assert read_parameters(out / cat[1]["file"]) == (
         "一只猫\nNegative prompt: \nSteps: 3, Sampler: euler, CFG scale: 5.0, "
-        f"Seed: {derived_seed(7, '000001') + 1}, Size: 64x64, Model: {pipe.name}"
+        f"Seed: {derived_seed(7, cat_key) + 1}, Size: 64x64, Model: {pipe.name}"
     )
     # A rerun makes nothing; another base seed would give other seeds.
     again = run(jobs, out, pipe=pipe, defaults=dict(SMALL, num_images=2), seed=7, progress=False)
     assert (again.done, again.skipped) == (0, 4)
-    assert derived_seed(8, "000003") != derived_seed(7, "000003")
+    assert derived_seed(8, key) != derived_seed(7, key)
+
+
+def test_jobs_without_an_id_are_keyed_by_their_content(pipe, tmp_path, capsys):
+    """Reordering a text file used to leave 000001-0.png showing the old line's prompt: now a moved job finds
+    its image, a changed one makes a new image, and identical lines are separate jobs."""
+    jobs, out = tmp_path / "prompts.txt", tmp_path / "out"
+    jobs.write_text("a cat\na dog\na dog\n")
+    run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+    first = {r["file"]: r for r in manifest(out)}
+    assert sorted(r["prompt"] for r in first.values()) == ["a cat", "a dog", "a dog"]
+    jobs.write_text("a dog\na fox\na dog\na cat\n")  # moved, changed, moved
+    summary = run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+    assert (summary.done, summary.skipped) == (1, 3)
+    for row in manifest(out):
+        assert read_parameters(out / row["file"]).startswith(row["prompt"] + "\n"), row
+    # a changed parameter is a changed job
+    summary = run(jobs, out, pipe=pipe, defaults=dict(SMALL, steps=2), progress=False)
+    assert (summary.done, summary.skipped) == (4, 0)
+    assert "other parameters" not in capsys.readouterr().err
+
+
+def test_folders_named_by_line_number_resume_without_remaking(pipe, tmp_path, capsys):
+    """A folder an earlier kolors filled (000001-0.png for line 1) is not made again after the upgrade."""
+    out = tmp_path / "out"
+    run([{"prompt": "a cat", "id": "000001"}], out, pipe=pipe, defaults=SMALL, progress=False)
+    rows = manifest(out)
+    old = [{**r, "id": None} for r in rows]  # as the old rule wrote it: no id, no keyed_by
+    for r in old:
+        del r["keyed_by"]
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in old))
+    summary = run(["a cat"], out, pipe=pipe, defaults=SMALL, progress=False)
+    assert (summary.done, summary.skipped) == (0, 1)
+    assert "named by line number by an earlier kolors" in capsys.readouterr().err
+    summary = run(["a cat"], out, pipe=pipe, defaults=dict(SMALL, steps=2), progress=False)
+    assert summary.done == 1  # another job now: made
+
+
+def test_batch_has_the_servers_limits_and_one_failure_does_not_stop_the_run(
+    pipe, tmp_path, capsys, monkeypatch
+):
+    jobs = [
+        {"prompt": "huge", "width": 100000, "height": 100000},
+        {"prompt": "many", "num_images": 100000},
+        {"prompt": "long", "steps": 100000000},
+        {"prompt": "a cat", "seed": 1},
+        {"prompt": "a dog", "seed": 2, "width": 32},
+        {"prompt": "a cow", "seed": 3},
+    ]
+
+    def broken(*args, **kwargs):
+        if kwargs.get("width") == 32:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        return pipe(*args, **kwargs)
+
+    class Pipe:
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        __call__ = staticmethod(broken)
+
+    out = tmp_path / "out"
+    summary = run(jobs, out, pipe=Pipe(), defaults=SMALL, progress=False)
+    err = capsys.readouterr().err
+    assert [b.line for b in summary.bad_lines] == [1, 2, 3]
+    assert "width 100000 is over the limit of 2048" in err and "over the limit of 8" in err
+    assert "over the limit of 150" in err
+    assert (summary.done, summary.failed) == (2, 4)
+    assert re.search(r"failed a_dog-\w+-0.png: RuntimeError: CUDA out of memory", err), err
+    assert sorted(r["prompt"] for r in manifest(out)) == ["a cat", "a cow"]
+    # the limits are the caller's to set
+    specs, bad = parse_jobs([{"prompt": "many", "num_images": 20}], limits=Limits(max_images=20))
+    assert not bad and len(specs) == 20
+    assert parse_jobs([{"prompt": "many", "num_images": 20}])[1]  # the default: 8 per job
 
 
 def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
@@ -101,12 +185,14 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
     assert [b.line for b in summary.bad_lines] == [3, 4, 5, 6, 7] and summary.failed == 5
     for n, words in [(3, "not valid JSON"), (4, "'step'"), (5, "steps"), (6, "line 1"), (7, "width 60")]:
         assert re.search(rf"jobs.jsonl line {n}: .*{re.escape(words)}", err), (n, err)
-    check_consistent(out, {"cat-0.png", "cat-1.png", "_.._evil_dog-0.png", "000008-0.png"})
+    (yak,) = by_prompt(out)["a yak"]
+    check_consistent(out, {"cat-0.png", "cat-1.png", "_.._evil_dog-0.png", yak["file"]})
     rows = {r["file"]: r for r in manifest(out)}
     assert [rows["cat-0.png"]["seed"], rows["cat-1.png"]["seed"]] == [42, 43]
     assert rows["_.._evil_dog-0.png"] | {"model": None} == {
         "file": "_.._evil_dog-0.png",
         "id": "../../evil/dog",
+        "keyed_by": "id",
         "line": 2,
         "index": 0,
         "seed": 5,
@@ -120,7 +206,7 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
         "height": 64,
         "model": None,
     }
-    assert (rows["000008-0.png"]["steps"], rows["000008-0.png"]["sampler"]) == (2, "dpmpp-2m")
+    assert (yak["steps"], yak["sampler"], yak["line"]) == (2, "dpmpp-2m", 8)
     assert not (tmp_path / "evil").exists()
 
 
@@ -143,13 +229,14 @@ def test_csv_jobs(pipe, tmp_path, capsys):
     assert "ignoring columns 'category'" in err
     assert [b.line for b in summary.bad_lines] == [3] and "seed must be a whole number" in err
     rows = {r["file"]: r for r in manifest(tmp_path / "out")}
-    assert set(rows) == {"p1-0.png", "000004-0.png"}
+    cow = by_prompt(tmp_path / "out")["a cow"][0]
+    assert set(rows) == {"p1-0.png", cow["file"]}
     assert (rows["p1-0.png"]["prompt"], rows["p1-0.png"]["seed"], rows["p1-0.png"]["steps"]) == (
         "a cat, sitting",
         3,
         3,  # an empty cell takes the default
     )
-    assert (rows["000004-0.png"]["seed"], rows["000004-0.png"]["steps"]) == (11, 2)
+    assert (cow["seed"], cow["steps"], cow["line"]) == (11, 2, 4)
 
 
 def test_whole_file_problems_are_one_error(tmp_path):
@@ -174,19 +261,19 @@ def test_whole_file_problems_are_one_error(tmp_path):
 
 def test_batched_outputs_equal_single_runs(pipe, tmp_path):
     jobs = [
-        {"prompt": "a cat", "seed": 1, "num_images": 2},
-        {"prompt": "a dog", "seed": 9, "negative_prompt": "blurry"},
-        {"prompt": "a cat", "seed": 20, "steps": 2},  # other settings: its own pipeline call
-        {"prompt": "a fox", "seed": 4, "guidance": 1.0},  # no guidance: no negative embeddings
-        {"prompt": "a hen", "seed": 6},
+        {"id": "j1", "prompt": "a cat", "seed": 1, "num_images": 2},
+        {"id": "j2", "prompt": "a dog", "seed": 9, "negative_prompt": "blurry"},
+        {"id": "j3", "prompt": "a cat", "seed": 20, "steps": 2},  # other settings: its own pipeline call
+        {"id": "j4", "prompt": "a fox", "seed": 4, "guidance": 1.0},  # no guidance: no negative embeddings
+        {"id": "j5", "prompt": "a hen", "seed": 6},
     ]
     specs, bad = parse_jobs(jobs, defaults=SMALL)
     assert not bad
     chunks = list(batches(specs, 4))
     assert [[s.file for s in c] for c in chunks] == [
-        ["000001-0.png", "000001-1.png", "000002-0.png", "000005-0.png"],
-        ["000003-0.png"],
-        ["000004-0.png"],
+        ["j1-0.png", "j1-1.png", "j2-0.png", "j5-0.png"],
+        ["j3-0.png"],
+        ["j4-0.png"],
     ]
     pipe.set_progress_bar_config(disable=True)
     singles = {}
@@ -238,7 +325,8 @@ def test_sigkill_then_rerun_finishes_every_image_once(tiny_model_dir, tmp_path, 
     out = tmp_path / "out"
     argv = ["batch", str(jobs), "--output", str(out), "--model", str(tiny_model_dir), *MODEL_ARGS]
     argv += ["--num-images", "2", "--batch-size", "2", "--steps", "4", "--quiet"]
-    expected = {f"{line:06d}-{i}.png" for line in range(1, 5) for i in range(2)}
+    expected = {f"{spec.file}" for spec in parse_jobs(jobs, defaults=dict(SMALL, steps=4, num_images=2))[0]}
+    assert len(expected) == 8
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "kolors.cli", *argv], env=env, stderr=subprocess.PIPE)
@@ -330,8 +418,9 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     jobs.write_text("a cat\n")
     assert main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--batch-size", "0"]) == 2
     assert "batch size must be" in capsys.readouterr().err
-    assert main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--image", "x.png"]) == 2
-    assert "--image is not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # not an option of batch: its --help does not list it either
+        main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--image", "x.png"])
+    assert e.value.code == 2 and "unrecognized arguments: --image" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------- Ray
@@ -369,7 +458,7 @@ def test_ray_path_matches_the_local_path(pipe, tiny_model_dir, tmp_path):
         on_ray = run(jobs, tmp_path / "ray", **options)
         assert (on_ray.done, on_ray.failed) == (local.done, 0) == (7, 0)
         # Resume works the same: only the deleted image is made again.
-        (tmp_path / "ray" / "000002-1.png").unlink()
+        (tmp_path / "ray" / by_prompt(tmp_path / "ray")["a cat 1"][1]["file"]).unlink()
         again = run(jobs, tmp_path / "ray", **options)
         assert (again.done, again.skipped) == (1, 6)
     finally:
@@ -381,3 +470,34 @@ def test_ray_path_matches_the_local_path(pipe, tiny_model_dir, tmp_path):
     for name in pngs(tmp_path / "local"):
         diff = np.abs(pixels(tmp_path / "ray" / name) - pixels(tmp_path / "local" / name))
         assert diff.max() <= 1, name
+
+
+def test_batch_writes_through_no_link_it_did_not_make(pipe, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    jobs = [{"prompt": "a cat", "seed": 1, "id": "cat"}]
+    for name in (".kolors-batch.lock", MANIFEST):
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        (out / name).symlink_to(victim)
+        with pytest.raises(KolorsError, match="symbolic link"):
+            run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+        assert victim.read_text() == "precious\n" and not pngs(out)
+    # an image name or the manifest's temporary file pointing elsewhere: replaced, the target untouched
+    out = tmp_path / "out"
+    run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+    (out / "cat-0.png").unlink()
+    (out / "cat-0.png").symlink_to(victim)
+    (out / ".manifest.jsonl.tmp").symlink_to(victim)
+    summary = run(jobs, out, pipe=pipe, defaults=SMALL, progress=False)
+    assert summary.done == 1 and not (out / "cat-0.png").is_symlink()
+    assert victim.read_text() == "precious\n"
+    check_consistent(out, {"cat-0.png"})
+
+
+def test_the_lock_file_is_never_truncated(pipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".kolors-batch.lock").write_text("kept")
+    run(["a cat"], out, pipe=pipe, defaults=SMALL, progress=False)
+    assert (out / ".kolors-batch.lock").read_text() == "kept"

@@ -89,7 +89,7 @@ def test_several_images_each_with_its_own_seed(tiny_model_dir, tmp_path, capsys)
         capsys,
     )
     assert code == 0
-    params = [read_parameters(tmp_path / f"cat-{i}.png") for i in (1, 2)]
+    params = [read_parameters(tmp_path / f"cat-{i}.png") for i in (0, 1)]  # file i has seed + i, as in batch
     assert "Seed: 10," in params[0] and "Seed: 11," in params[1] and "Sampler: dpmpp-2m" in params[0]
 
 
@@ -161,6 +161,10 @@ def test_image_to_image(tiny_model_dir, tmp_path, capsys):
         (["--image", "NOTANIMAGE"], "cannot decode image"),
         (["--model", "NOMODEL"], "is incomplete: missing"),
         (["--output", "out.jpg"], "must end in .png"),
+        (["--output", "adir.png"], "output adir.png is a folder"),
+        (["--output", "locked/out.png"], "cannot write to the output folder locked"),
+        (["--seed", "-5"], "seed must be a whole number between 0 and 4294967295, not -5"),
+        (["--image", "init.png", "--width", "60"], "width 60 is not a multiple of 8"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_file(
@@ -170,6 +174,11 @@ def test_bad_input_exits_2_with_one_line_and_no_file(
     (tmp_path / "NOTANIMAGE").write_bytes(b"this is not an image")
     (tmp_path / "NOMODEL").mkdir()
     (tmp_path / "NOMODEL" / "unet").mkdir()
+    (tmp_path / "adir.png").mkdir()
+    (tmp_path / "locked").mkdir(mode=0o500)
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    if extra[-1] == "locked/out.png" and os.access(tmp_path / "locked", os.W_OK):
+        pytest.skip("running as root: a read-only folder is still writable")
     args = [
         "generate",
         "a cat",
@@ -191,7 +200,7 @@ def test_bad_input_exits_2_with_one_line_and_no_file(
     code, _, err = run(args, capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob("out*.png")) and not list(tmp_path.glob(".*tmp"))
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
@@ -238,3 +247,65 @@ def test_download_offline_without_cache_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     code, _, err = run(["download", "Kwai-Kolors/Kolors-diffusers"], capsys)
     assert code == 2 and "cannot reach the model hub" in err and err.count("\n") == 1
+
+
+def test_output_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from kolors.pipeline import KolorsPipeline
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(KolorsPipeline, "from_pretrained", never)
+    (tmp_path / "dir.png").mkdir()
+    code, _, err = run(["generate", "a cat", "--output", str(tmp_path / "dir.png")], capsys)
+    assert code == 2 and "is a folder" in err and err.count("\n") == 1
+
+
+def test_image_to_image_honours_width_and_height(tiny_model_dir, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(init)
+    common = ["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "2", "--image", str(init)]
+    common += ["--seed", "1", "--dtype", "float32", "--quiet"]
+    code, _, err = run([*common, "--width", "32", "--height", "48", "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 0 and Image.open(tmp_path / "a.png").size == (32, 48)
+    assert "Size: 32x48" in read_parameters(tmp_path / "a.png")
+    # without a size the image's own is kept, and the result is the pipeline's own image-to-image
+    code, _, _ = run([*common, "--strength", "0.3", "-o", str(tmp_path / "b.png")], capsys)
+    pipe = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    expected = pipe("a cat", image=Image.open(init), strength=0.3, num_inference_steps=2, seed=1).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(expected))
+
+
+def test_strength_without_an_image_warns(tiny_model_dir, tmp_path, capsys):
+    args = ["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "1", "--width", "32"]
+    args += [
+        "--height",
+        "32",
+        "--dtype",
+        "float32",
+        "--quiet",
+        "--strength",
+        "0.5",
+        "-o",
+        str(tmp_path / "a.png"),
+    ]
+    code, _, err = run(args, capsys)
+    assert code == 0 and "kolors: warning: --strength applies only to image-to-image" in err
+
+
+def test_batch_help_lists_only_what_batch_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    text = capsys.readouterr().out
+    assert "--image" not in text and "--strength" not in text
+    assert "base seed" in text and "random" not in text.split("--seed", 1)[1].split("--", 1)[0]
+
+
+def test_a_long_prompt_warning_is_one_line(tiny_model_dir, tmp_path, capsys):
+    args = ["generate", "cat " * 400, "--model", str(tiny_model_dir), "--steps", "1", "--width", "32"]
+    args += ["--height", "32", "--dtype", "float32", "--quiet", "-o", str(tmp_path / "a.png")]
+    code, _, err = run(args, capsys)
+    assert code == 0
+    (line,) = [x for x in err.splitlines() if "tokens" in x]
+    assert line.startswith("kolors: warning: prompts longer than") and "warnings.warn" not in err
+    assert err.count("\n") == 1, err

@@ -26,6 +26,7 @@ LIMITS = dict(
     max_steps=4, max_width=128, max_height=128, max_n=4, max_upload_mb=0.25, max_upload_pixels=160 * 160
 )
 KEY = "test-key-123"
+BASE = "http://127.0.0.1:7860"  # a loopback Host, as a browser on this machine sends
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,13 @@ def pipe(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe, ServerConfig(**LIMITS))) as c:
+    with TestClient(create_app(pipe, ServerConfig(**LIMITS)), base_url=BASE) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def keyed(pipe):
-    with TestClient(create_app(pipe, ServerConfig(api_key=KEY, **LIMITS))) as c:
+    with TestClient(create_app(pipe, ServerConfig(api_key=KEY, **LIMITS)), base_url=BASE) as c:
         yield c
 
 
@@ -275,7 +276,7 @@ def test_openai_generation_b64_and_url(client, pipe):
     )
     assert r.status_code == 200, r.text
     (item,) = r.json()["data"]
-    assert "b64_json" not in item and item["url"].startswith("http://testserver/v1/files/")
+    assert "b64_json" not in item and item["url"].startswith(f"{BASE}/v1/files/")
     served = client.get(item["url"])
     assert served.status_code == 200 and served.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(served.content)).size == (32, 32)
@@ -527,7 +528,7 @@ def test_out_of_memory_answers_503_and_a_stopped_server_503(pipe):
             return self._pipe(*args, **kwargs)
 
     app = create_app(OutOfMemory(pipe), ServerConfig(**LIMITS))
-    client = TestClient(app)
+    client = TestClient(app, base_url=BASE)
     body = {"prompt": "x", "steps": 1, "width": 32, "height": 32}
     r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 503 and "out of memory" in r.json()["detail"]
@@ -542,7 +543,110 @@ def test_the_app_serves_again_after_its_lifespan_restarts(pipe):
     """A harness may start and stop the app's lifespan more than once (schemathesis does, per test)."""
     app = create_app(pipe, ServerConfig(**LIMITS))
     for _ in range(2):
-        with TestClient(app) as client:
+        with TestClient(app, base_url=BASE) as client:
             r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 32, "height": 32})
             assert r.status_code == 200 and client.get("/ready").json()["ready"] is True
         assert not app.state.queue.alive
+
+
+# ------------------------------------------------------------------------------------------------ other sites
+
+
+def test_a_keyless_server_answers_only_loopback_host_names(pipe):
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    app = create_app(pipe, ServerConfig(allowed_hosts=("studio.lan",), **LIMITS))
+    with TestClient(app, base_url="http://evil.example:7860") as c:
+        for method, path in (("GET", "/sdapi/v1/progress"), ("POST", "/sdapi/v1/interrupt"), ("GET", "/")):
+            r = c.request(method, path)
+            assert r.status_code == 421 and "--allowed-host evil.example" in r.json()["detail"], path
+        assert c.get("/v1/models").json()["error"]["message"].startswith("host 'evil.example'")
+        for host in (
+            "localhost:7860",
+            "127.0.0.1",
+            "[::1]:7860",
+            "app.localhost",
+            "127.9.9.9:1",
+            "STUDIO.lan",
+        ):
+            assert c.get("/health", headers={"host": host}).status_code == 200, host
+    app.state.queue.close()
+    keyed_app = create_app(pipe, ServerConfig(api_key=KEY, **LIMITS))  # a key is what a rebinding page lacks
+    with TestClient(keyed_app, base_url="http://studio.example") as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/sdapi/v1/progress", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    keyed_app.state.queue.close()
+
+
+def test_cross_site_state_changes_are_refused_and_no_cors(client):
+    forged = [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:7860", "Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},  # another port or subdomain of the same site
+    ]
+    for headers in forged:
+        r = client.post("/sdapi/v1/interrupt", headers=headers)
+        assert r.status_code == 403 and "cross-site" in r.json()["detail"], headers
+        r = client.post("/v1/images/generations", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["message"].startswith("cross-site"), headers
+    same = {"Origin": "http://127.0.0.1:7860", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/sdapi/v1/interrupt", headers=same).status_code == 200
+    assert client.post("/sdapi/v1/interrupt").status_code == 200  # scripts send neither header
+    # a form a page may post cross-site without a preflight is not JSON, and is not read as JSON
+    r = client.post(
+        "/sdapi/v1/txt2img", content='{"prompt": "x", "steps": 1}', headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 422
+    r = client.get("/sdapi/v1/progress", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200 and not any(h.startswith("access-control-") for h in r.headers)
+    r = client.options(
+        "/sdapi/v1/txt2img",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert not any(h.startswith("access-control-") for h in r.headers)
+
+
+def test_with_a_key_the_key_is_checked_before_the_body_is_read(keyed, monkeypatch):
+    from kolors.serve import http
+
+    read = []
+    monkeypatch.setattr(
+        http.BodyLimit, "__call__", lambda *a: read.append(a) or (_ for _ in ()).throw(AssertionError)
+    )
+    r = keyed.post(
+        "/sdapi/v1/img2img", content=b"{" + b"x" * 100_000, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and not read
+    r = keyed.post(
+        "/v1/images/edits", files={"image": ("a.png", b"x" * 1000, "image/png")}, data={"prompt": "x"}
+    )
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error" and not read
+
+
+def test_a_nul_byte_in_a_web_path_is_404(client, caplog):
+    with caplog.at_level("ERROR"):
+        assert client.get("/web/a%00b").status_code == 404
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_docs_work_offline(client):
+    pytest.importorskip("fastapi_offline")
+    for page, script in (
+        ("/docs", "/docs-assets/swagger-ui-bundle.js"),
+        ("/redoc", "/docs-assets/redoc.standalone.js"),
+    ):
+        html = client.get(page).text
+        assert script in html and "cdn." not in html and "fonts.googleapis" not in html, page
+        r = client.get(script)
+        assert r.status_code == 200 and len(r.content) > 100_000
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert client.get("/docs-assets/..%2Fcore.py").status_code == 404
+
+
+def test_requests_are_logged(client, caplog):
+    with caplog.at_level("INFO", logger="kolors.server"):
+        client.get("/health")
+        client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0})
+    lines = [r.getMessage() for r in caplog.records if r.name == "kolors.server"]
+    assert any('"GET /health" 200' in line for line in lines), lines
+    assert any('"POST /sdapi/v1/txt2img" 422' in line for line in lines), lines

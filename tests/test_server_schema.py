@@ -19,7 +19,15 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from kolors import KolorsPipeline  # noqa: E402
 from kolors.serve import ServerConfig, create_app  # noqa: E402
 
-LIMITS = ServerConfig(max_steps=2, max_width=64, max_height=64, max_n=2, max_upload_mb=1, queue_size=8)
+LIMITS = ServerConfig(
+    max_steps=2,
+    max_width=64,
+    max_height=64,
+    max_n=2,
+    max_upload_mb=1,
+    queue_size=8,
+    allowed_hosts=("testserver",),  # the Host schemathesis sends in-process
+)
 EXAMPLES = int(os.environ.get("KOLORS_FUZZ_EXAMPLES", 25))  # per operation and mode; raise it to hunt
 
 

@@ -8,6 +8,11 @@ DIR/manifest.jsonl, appended and fsynced per image. Running the same command aga
 - a torn last manifest line (a kill during an append) is dropped, as are rows whose PNG was deleted (remade);
 - a PNG in DIR but not in the manifest (a kill between the rename and the append) is read back: if it decodes
   and its `parameters` text is this job's request and seed, it is added to the manifest, else made again.
+
+No file written here follows a symbolic link it did not make: the lock and the manifest are opened with
+O_NOFOLLOW (a link there is an error, and the lock is never truncated), temporary files are created exclusively,
+and a link standing where an image goes is not an image of ours: it is replaced by the image (a rename replaces
+the link, never its target).
 """
 
 from __future__ import annotations
@@ -31,6 +36,26 @@ except ImportError:  # Windows: no advisory lock, one run per folder is then up 
 MANIFEST = "manifest.jsonl"
 LOCK = ".kolors-batch.lock"
 TEMP_FILES = ".*.png.tmp"  # what save_png writes before its rename
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows, where links need privileges to make
+
+
+def open_nofollow(path: Path, flags: int, mode: str):
+    """`open(path, mode)` that refuses a symbolic link at `path` (one line naming it) instead of following it."""
+    try:
+        fd = os.open(path, flags | NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError:
+        if path.is_symlink():
+            raise KolorsError(
+                f"{path} is a symbolic link; kolors batch does not write through links it did not make "
+                "(remove it)"
+            ) from None
+        raise
+    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+
+
+def is_plain_file(path: Path) -> bool:
+    """A regular file, not a link to one."""
+    return path.is_file() and not path.is_symlink()
 
 
 class Manifest:
@@ -40,12 +65,13 @@ class Manifest:
     def __init__(self, output_dir: Path):
         self.path = output_dir / MANIFEST
         self.rows = self._load()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a")
 
     def _load(self) -> dict[str, dict]:
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return {}
-        raw = self.path.read_bytes()
+        with open_nofollow(self.path, os.O_RDONLY, "rb") as f:
+            raw = f.read()
         clean = raw.endswith(b"\n") or not raw
         rows: dict[str, dict] = {}
         for line in raw.split(b"\n"):
@@ -63,11 +89,12 @@ class Manifest:
         kept = {
             name: row
             for name, row in rows.items()
-            if isinstance(name, str) and Path(name).name == name and (self.path.parent / name).is_file()
+            if isinstance(name, str) and Path(name).name == name and is_plain_file(self.path.parent / name)
         }
         if not clean or len(kept) != len(rows):
             tmp = self.path.with_name(f".{MANIFEST}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            tmp.unlink(missing_ok=True)  # a leftover (or a planted link): removed, never written through
+            with open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, "w") as f:
                 f.writelines(_json_line(row) for row in kept.values())
                 f.flush()
                 os.fsync(f.fileno())
@@ -102,7 +129,8 @@ def claim(output_dir: Path) -> Iterator[None]:
         output_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise KolorsError(f"output {output_dir} is a file; --output must be a folder") from None
-    with open(output_dir / LOCK, "w") as lock:
+    # Opened without truncating it (a lock file holds nothing) and without following a link someone put there.
+    with open_nofollow(output_dir / LOCK, os.O_RDWR | os.O_CREAT, "r+b") as lock:
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,13 +145,19 @@ def claim(output_dir: Path) -> Iterator[None]:
 
 def plan(specs: list[ImageSpec], output_dir: Path, manifest: Manifest) -> tuple[list[ImageSpec], int]:
     """The images still to make, and how many are done already; re-adds finished PNGs the manifest missed."""
-    pending, skipped, changed = [], 0, []
+    pending, skipped, changed, adopted = [], 0, [], []
+    legacy = _line_keyed(manifest)
     for spec in specs:
         row = manifest.rows.get(spec.file)
         if row is not None:
             skipped += 1
             if ImageSpec.from_row(row).params != spec.params:
                 changed.append(spec.file)
+            continue
+        old = legacy.pop(_without_seed(spec), None) if spec.keyed_by == "content" else None
+        if old is not None:  # made by an earlier kolors under its line number: the same job, kept
+            adopted.append(old)
+            skipped += 1
             continue
         model = _made_by(output_dir / spec.file, spec)
         if model is None:
@@ -136,12 +170,32 @@ def plan(specs: list[ImageSpec], output_dir: Path, manifest: Manifest) -> tuple[
             f"kolors: {len(changed)} finished image(s), e.g. {changed[0]}, were made with other parameters "
             "than their jobs now ask for; kept (delete them to make them again)"
         )
+    if adopted:
+        say(
+            f"kolors: {len(adopted)} image(s) named by line number by an earlier kolors, e.g. {adopted[0]}, are "
+            "their jobs' images; kept under their names (jobs without an id are now named by their content)"
+        )
     return pending, skipped
+
+
+def _without_seed(spec: ImageSpec) -> tuple:
+    return (spec.index, *(v for k, v in sorted(spec.params.items()) if k != "seed"))
+
+
+def _line_keyed(manifest: Manifest) -> dict[tuple, str]:
+    """The images of jobs without an id that runs before content keys named by line number (000042-0.png), by
+    what they show (the seed aside: it was derived from the line), so upgrading does not make them again."""
+    found = {}
+    for name, row in manifest.rows.items():
+        spec = ImageSpec.from_row(row)
+        if spec.keyed_by == "line":
+            found.setdefault(_without_seed(spec), name)
+    return found
 
 
 def _made_by(path: Path, spec: ImageSpec) -> str | None:
     """The model name of a complete PNG at `path` made for `spec`, or None (absent, unreadable, another's)."""
-    if not path.is_file():
+    if not is_plain_file(path):  # absent, or a link: not an image this folder made
         return None
     try:
         with Image.open(path) as im:

@@ -1,10 +1,12 @@
 """Reading jobs: a JSONL object, a CSV row or a line of text each, checked as GenerationRequests and turned into
 the images they ask for (ImageSpec), with their file names and seeds.
 
-Image i of a job is named `KEY-i.png`, KEY being the job's id made file-safe or, without an id, its line number
-(`000042`). Seeds: image i of a job has the job's seed + i, as with `kolors generate`, so an image is the same
-made alone or in a batch. A job without a seed gets one hashed from the base seed (--seed, default 0) and its
-KEY, so a rerun makes the same image.
+Image i of a job is named `KEY-i.png` (i from 0, as its seed's offset). KEY is the job's id made file-safe or,
+for a job without an id, its content: the prompt's first words and a hash of the prompt and every parameter that
+changes the image (`a_red_apple-3f9a1c2b7d.png`), so a job that moves in the file finds its image and a changed
+job makes a new one; the manifest's `keyed_by` says which ("id" or "content"). Seeds: image i of a job has the
+job's seed + i, as with `kolors generate`, so an image is the same made alone or in a batch. A job without a
+seed gets one hashed from the base seed (--seed, default 0) and its KEY, so a rerun makes the same image.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kolors.errors import KolorsError
-from kolors.request import FIELDS, GenerationRequest
+from kolors.request import DEFAULT_LIMITS, FIELDS, GenerationRequest, Limits
 
 # A job's fields: the request's, but for image-to-image's, plus an id.
 JOB_FIELDS = ("id", *(f for f in FIELDS if f not in ("image", "strength")))
@@ -48,6 +50,7 @@ class ImageSpec:
     line: int
     index: int
     request: GenerationRequest
+    keyed_by: str = "id"  # "id", or "content" for a job without one (files named by what it asks for)
 
     @property
     def settings(self) -> tuple:
@@ -64,14 +67,17 @@ class ImageSpec:
         return self.request.infotext(self.request.seed, model)
 
     def row(self, model: str | None = None) -> dict:
-        row = {"file": self.file, "id": self.id, "line": self.line, "index": self.index, **self.params}
+        row = {"file": self.file, "id": self.id, "keyed_by": self.keyed_by, "line": self.line}
+        row = {**row, "index": self.index, **self.params}
         return row if model is None else {**row, "model": model}
 
     @classmethod
     def from_row(cls, row: Mapping) -> ImageSpec:
-        # .get: manifests written before `schedule` existed lack it (None, the sampler's own)
+        """The spec of a manifest row; rows of runs before content keys have no keyed_by: by line number, and
+        rows from before `schedule` existed lack it (None, the sampler's own)."""
         request = GenerationRequest(**{k: row.get(k) if k == "schedule" else row[k] for k in IMAGE_FIELDS})
-        return cls(row["file"], row["id"], row["line"], row["index"], request)
+        keyed_by = row.get("keyed_by", "id" if row["id"] is not None else "line")
+        return cls(row["file"], row["id"], row["line"], row["index"], request, keyed_by)
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,14 @@ def say(message: str) -> None:
 
 
 def parse_jobs(
-    jobs: str | os.PathLike | Iterable[str | Mapping], *, defaults: Mapping | None = None, seed: int = 0
+    jobs: str | os.PathLike | Iterable[str | Mapping],
+    *,
+    defaults: Mapping | None = None,
+    seed: int = 0,
+    limits: Limits | None = DEFAULT_LIMITS,
 ) -> tuple[list[ImageSpec], list[BadLine]]:
-    """The images a jobs file (or list) asks for, and the lines that could not be read, by line number."""
+    """The images a jobs file (or list) asks for, and the lines that could not be read, by line number; each job
+    is checked under `limits` (the server's defaults unless given; None: the engine's own bounds only)."""
     unknown = sorted(set(defaults or {}) - set(DEFAULTS))
     if unknown:
         raise KolorsError(
@@ -100,11 +111,12 @@ def parse_jobs(
     specs: list[ImageSpec] = []
     bad: list[BadLine] = []
     keys: dict[str, int] = {}  # casefolded file key -> line, so no two jobs share a file, even on macOS
+    seen: dict[str, int] = {}  # content hash -> how many jobs without an id asked for exactly that
     for line, record, error in _records(jobs):
         try:
             if error:
                 raise KolorsError(error)
-            job = _job_specs(line, record, defaults, seed)
+            job = _job_specs(line, record, defaults, seed, limits, seen)
             key = job[0].file.rsplit("-", 1)[0]
             if key.casefold() in keys:
                 raise KolorsError(
@@ -186,7 +198,9 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
             raise KolorsError(f"{path} line {reader.line_num}: cannot read the CSV ({e})") from None
 
 
-def _job_specs(line: int, record: dict, defaults: Mapping, base_seed: int) -> list[ImageSpec]:
+def _job_specs(
+    line: int, record: dict, defaults: Mapping, base_seed: int, limits: Limits | None, seen: dict[str, int]
+) -> list[ImageSpec]:
     unknown = sorted(set(record) - set(JOB_FIELDS))
     if unknown:
         raise KolorsError(
@@ -196,16 +210,34 @@ def _job_specs(line: int, record: dict, defaults: Mapping, base_seed: int) -> li
     if not values.get("prompt", "").strip():
         raise KolorsError('no prompt; every job needs a non-empty "prompt"')
     job_id = values.pop("id", None)
-    key = f"{line:06d}" if job_id is None else _file_key(job_id)
+    values["guidance"] = float(values["guidance"])
+    GenerationRequest(**values).validate(limits)  # the values as given, before a seed is derived
+    key = _file_key(job_id) if job_id is not None else _content_key(values, base_seed, seen)
     n = values["num_images"]
     if values.get("seed") is None:
         values["seed"] = derived_seed(base_seed, key)
-    request = GenerationRequest(**values).validate()
-    request = dataclasses.replace(request, guidance=float(request.guidance), num_images=1)
+    request = dataclasses.replace(GenerationRequest(**values), num_images=1)
+    keyed_by = "id" if job_id is not None else "content"
     return [
-        ImageSpec(f"{key}-{i}.png", job_id, line, i, dataclasses.replace(request, seed=request.seed + i))
+        ImageSpec(
+            f"{key}-{i}.png", job_id, line, i, dataclasses.replace(request, seed=request.seed + i), keyed_by
+        )
         for i in range(n)
     ]
+
+
+def _content_key(values: Mapping, base_seed: int, seen: dict[str, int]) -> str:
+    """The file key of a job without an id: its prompt's first words and a hash of what changes its images
+    (not num_images: asking for more images keeps the first ones). The n-th identical job gets its own."""
+    content = {k: values.get(k) for k in IMAGE_FIELDS}
+    if content["seed"] is None:
+        content["base_seed"] = base_seed  # its seed is derived from the base seed, so that changes it too
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:10]
+    seen[digest] = seen.get(digest, 0) + 1
+    if seen[digest] > 1:
+        digest = f"{digest}.{seen[digest]}"
+    words = re.sub(r"[^\w]+", "_", values["prompt"]).strip("_")[:24].strip("_")
+    return f"{words}-{digest}" if words else digest
 
 
 def _typed(name: str, value):

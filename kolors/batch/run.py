@@ -19,13 +19,14 @@ from kolors.batch.jobs import BadLine, parse_jobs, say
 from kolors.batch.make import batches, make_images
 from kolors.errors import KolorsError
 from kolors.pipeline import DEFAULT_REPO, KolorsPipeline
+from kolors.request import DEFAULT_LIMITS, Limits
 
 
 @dataclass
 class BatchSummary:
     done: int = 0
     skipped: int = 0  # already made by an earlier run
-    failed: int = 0  # bad lines, plus images whose generation raised a KolorsError
+    failed: int = 0  # bad lines, plus images whose generation failed (each reported with its reason)
     seconds: float = 0.0  # the whole run, model loading included
     load_seconds: float = 0.0
     bad_lines: list[BadLine] = field(default_factory=list)
@@ -62,6 +63,7 @@ def run(
     ray_actors: int | None = None,
     ray_cpus_per_actor: int = 4,
     progress: bool = True,
+    limits: Limits | None = DEFAULT_LIMITS,
 ) -> BatchSummary:
     """Make every image the jobs ask for that `output_dir` does not hold yet; see the module docstring.
 
@@ -69,7 +71,8 @@ def run(
     values for the fields a job leaves out (negative_prompt, steps, guidance, sampler, width, height,
     num_images). `seed`: the base of the seeds of jobs without one. `pipe`: an already loaded pipeline, else
     `model` is loaded (only if something is left to make), `load_options` being more from_pretrained keywords.
-    `ray`: True starts a local Ray instance (or joins RAY_ADDRESS's), a string is a cluster address."""
+    `ray`: True starts a local Ray instance (or joins RAY_ADDRESS's), a string is a cluster address. `limits`:
+    the bounds every job is checked under, the server's by default (None: the engine's own only)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise KolorsError(f"batch size must be a whole number of at least 1, not {batch_size!r}")
     if ray:
@@ -78,7 +81,7 @@ def run(
         on_ray.require_ray()
     started = time.perf_counter()
     source = Path(jobs).name if isinstance(jobs, (str, os.PathLike)) else "jobs"
-    specs, bad = parse_jobs(jobs, defaults=defaults, seed=0 if seed is None else seed)
+    specs, bad = parse_jobs(jobs, defaults=defaults, seed=0 if seed is None else seed, limits=limits)
     for b in bad:
         if strict:
             raise KolorsError(f"{source} {b} (--strict stops at the first bad line)")
@@ -142,10 +145,18 @@ def _run_local(pipe, pending, output_dir, finished, batch_size: int, strict: boo
             try:
                 for row in make_images(pipe, chunk, output_dir):
                     finished(row)
-            except KolorsError as e:  # a request the model refuses; the other chunks go on
+            except (
+                Exception
+            ) as e:  # this chunk's images fail (a refused request, out of memory, a bug); the rest go on
                 if strict:
                     raise
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                reason = (
+                    reason if isinstance(e, KolorsError) else f"{type(e).__name__}: {reason}".rstrip(": ")
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 for spec in chunk:
-                    finished({"file": spec.file, "error": str(e)})
+                    finished({"file": spec.file, "error": reason})
     finally:
         pipe.set_progress_bar_config(disable=not shown)

@@ -8,16 +8,22 @@ job) in kolors.serve.state.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import logging
 import math
+import sys
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from kolors.errors import KolorsError
 from kolors.serve import a1111, openai, web
-from kolors.serve.http import BodyLimit, add_error_handlers
+from kolors.serve.http import BodyLimit, Guard, add_error_handlers
 from kolors.serve.jobs import JobQueue
 from kolors.serve.schemas import ServerConfig
 from kolors.serve.state import FileStore, ModelInfo
@@ -64,6 +70,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
         summary="Kolors text-to-image: the OpenAI Images API and the AUTOMATIC1111 API over one job queue",
         version=_version(),
         lifespan=lifespan,
+        **({"docs_url": None, "redoc_url": None} if DOCS_ASSETS else {}),
     )
     app.state.config, app.state.queue = config, queue
     app.state.files = FileStore(config.url_ttl, int(config.url_store_mb * 2**20))
@@ -72,9 +79,55 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     add_error_handlers(app)
     # base64 makes an upload 4/3 larger; the rest of a request is small.
     app.add_middleware(BodyLimit, max_bytes=math.ceil(config.max_upload_bytes * 4 / 3) + 2**20)
+    app.add_middleware(Guard, api_key=config.api_key, allowed_hosts=config.allowed_hosts)  # outermost
     for routes in (a1111.router, openai.router, web.router):
         app.include_router(routes)
+    if DOCS_ASSETS:
+        add_offline_docs(app)
     return app
+
+
+def _docs_assets() -> Path | None:
+    """Swagger UI's and ReDoc's files from the fastapi-offline wheel (the server extra), when installed."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+DOCS_ASSETS = _docs_assets()  # None: FastAPI's own /docs and /redoc, which load their scripts from a CDN
+DOCS_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """/docs and /redoc with their scripts served from here, so they work offline."""
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API docs",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def asset(name: str) -> FileResponse:
+        if name not in DOCS_FILES:
+            raise HTTPException(404, "not found")
+        return FileResponse(DOCS_ASSETS / name, headers={"Cache-Control": "public, max-age=86400"})
 
 
 def _version() -> str:
@@ -93,7 +146,22 @@ def run(
     import uvicorn
 
     check_bind(host, config.api_key)
+    log_to_stderr(log_level)
     app = create_app(pipes, config)
     shown = f"[{host}]" if ":" in host else host
     print(f"kolors: serving on http://{shown}:{port}  (web page /, API docs /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    # kolors.server's access log replaces uvicorn's, so one logger has requests and jobs alike
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, access_log=False
+    )
+
+
+def log_to_stderr(level: str = "info") -> None:
+    """The server's logger ("kolors.server": requests, jobs' ends) to stderr, unless the caller set it up."""
+    logger = logging.getLogger("kolors.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s kolors: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False

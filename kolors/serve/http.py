@@ -1,5 +1,14 @@
 """The HTTP plumbing every route shares: errors in OpenAI's shape on /v1/ and FastAPI's elsewhere, each naming
-its field; the body limit, enforced as the body arrives; and the API key.
+its field; the body limit, enforced as the body arrives; the API key; and the guard against other web sites.
+
+The guard (Guard, outermost) runs before any route or body parsing:
+- without an API key, only loopback Host values (localhost, *.localhost, 127.0.0.0/8, ::1) and the
+  --allowed-host names are answered: a web page that points its own name at 127.0.0.1 (DNS rebinding) gets 421;
+- a state-changing request (not GET, HEAD or OPTIONS) that a browser marks as coming from another site
+  (Sec-Fetch-Site other than same-origin or none, or an Origin other than this server's) gets 403; there are no
+  CORS headers, so other sites cannot read answers either (JSON bodies need a JSON content type: FastAPI's own);
+- with an API key, an API call without it gets 401 before its body is read;
+- every request is logged, with its status and time, on the "kolors.server" logger (the access log).
 
 OpenAI routes (/v1/...) answer errors as {"error": {"message", "type", "param"}} with 400; the others as
 {"detail": "..."} with 422.
@@ -7,8 +16,10 @@ OpenAI routes (/v1/...) answer errors as {"error": {"message", "type", "param"}}
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
+import time
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -17,6 +28,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as StarletteRequest
 
 from kolors.errors import KolorsError
 from kolors.serve.schemas import Detail, OpenAIError, RequestError
@@ -141,3 +153,100 @@ def require_key(
             "missing or wrong API key; send the header Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+KEYED_PREFIXES = ("/v1/", "/sdapi/")  # the API; /v1/files/ is open (the URL is the secret)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port or brackets, lower case: "[::1]:7860" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    if name == "localhost" or name.endswith(
+        ".localhost"
+    ):  # browsers resolve *.localhost to loopback themselves
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def key_matches(headers: dict[bytes, bytes], key: str) -> bool:
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+class Guard:
+    """ASGI middleware: Host, cross-site and API-key checks before anything else runs, and the access log."""
+
+    def __init__(self, app, api_key: str | None, allowed_hosts: tuple[str, ...] = ()):
+        self.app, self.api_key = app, api_key
+        self.allowed_hosts = {host_name(h) for h in allowed_hosts}
+
+    def refusal(self, scope) -> tuple[int, str, dict | None] | None:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.api_key is None and host:
+            name = host_name(host)
+            if not is_loopback(name) and name not in self.allowed_hosts and "*" not in self.allowed_hosts:
+                return (
+                    421,
+                    f"host {name!r} is not served here; start the server with --allowed-host {name}",
+                    None,
+                )
+        if scope["method"] not in SAFE_METHODS:
+            site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+            origin = headers.get(b"origin", b"").decode("latin-1").lower()
+            if site and site not in ("same-origin", "none"):
+                return 403, f"cross-site requests are refused (Sec-Fetch-Site: {site})", None
+            if origin and origin.partition("://")[2] != host.lower():
+                return 403, f"cross-site requests are refused (Origin: {origin})", None
+        path = scope["path"]
+        if (
+            self.api_key is not None
+            and path.startswith(KEYED_PREFIXES)
+            and not path.startswith("/v1/files/")
+            and not key_matches(headers, self.api_key)
+        ):
+            message = "missing or wrong API key; send the header Authorization: Bearer <key>"
+            return 401, message, {"WWW-Authenticate": "Bearer"}
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def logged_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refused = self.refusal(scope)
+            if refused is None:
+                await self.app(scope, receive, logged_send)
+            else:
+                code, message, headers = refused
+                response = error_response(StarletteRequest(scope), code, message, headers=headers)
+                await response(scope, receive, logged_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            log.info(
+                '%s "%s %s" %d %.0f ms',
+                client[0],
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - started) * 1000,
+            )

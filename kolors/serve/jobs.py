@@ -25,7 +25,7 @@ from kolors.errors import KolorsError
 from kolors.pipeline import generate
 from kolors.request import GenerationRequest
 
-log = logging.getLogger("kolors.serve")
+log = logging.getLogger("kolors.server")
 
 
 class QueueFull(Exception):

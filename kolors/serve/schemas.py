@@ -50,6 +50,7 @@ class ServerConfig:
     url_ttl: float = 3600.0  # seconds a response_format=url image stays downloadable
     url_store_mb: float = 512.0  # memory for those images; the oldest go first
     preview_every: int = 1  # a live preview for /sdapi/v1/progress every this many steps; 0: none
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered without a key, beyond the loopback ones
 
     def check(self) -> None:
         for name in ("queue_size", "max_width", "max_height", "max_steps", "max_n", "max_upload_pixels"):

@@ -57,7 +57,11 @@ async def index() -> Response:
 @router.get("/web/{path:path}", include_in_schema=False)
 async def web(path: str) -> Response:
     root = WEB_DIR.resolve()
-    target = (root / path).resolve()
-    if not target.is_relative_to(root) or not target.is_file():
+    try:
+        target = (root / path).resolve()
+        found = target.is_relative_to(root) and target.is_file()
+    except (ValueError, OSError):  # a NUL byte, a name too long: no such file
+        found = False
+    if not found:
         raise HTTPException(404, "not found")
     return FileResponse(target)
