@@ -36,6 +36,7 @@ from kolors.models.unet import UNetConfig
 COMPONENTS = ("unet", "text_encoder")
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+STACKS_PER_LAYER = 4  # stacked pairs of adapter combinations kept per layer for switching back
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig per component in the safetensors header
 
 
@@ -243,28 +244,29 @@ def kohya_layers(
 
 
 class LowRankTerm:
-    """scale_1 up_1 down_1 x + scale_2 up_2 down_2 x + …, as one pair of matmuls (or convolutions): the downs
-    stacked, the ups scaled and concatenated. A plain object, not a module: it never enters a state_dict."""
+    """up ((down x) * scales): scale_1 up_1 down_1 x + scale_2 up_2 down_2 x + … as one pair of matmuls (or
+    convolutions) over the stacked pairs, each rank row scaled by its adapter's scale. The stacks are shared
+    between terms of the same adapters, so a change of scales only makes a new (R,) vector. A plain object, not
+    a module: it never enters a state_dict."""
 
-    def __init__(self, layer: nn.Module, pairs: list[tuple[LoraPair, float]], dtype: torch.dtype, device):
-        self.down = torch.cat([p.down for p, _ in pairs]).to(device, dtype)
-        self.up = torch.cat([p.up.float() * (p.scale * w) for p, w in pairs], dim=1).to(device, dtype)
+    def __init__(self, layer: nn.Module, down: Tensor, up: Tensor, scales: Tensor):
+        self.down, self.up, self.scales = down, up, scales
         self.conv = (
             None
-            if self.down.dim() == 2
+            if down.dim() == 2
             else dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
         )
 
     def __call__(self, x: Tensor) -> Tensor:
         # A model parked in host memory (memory="low" on a GPU) visits the device: the small pair follows it.
-        down, up = self.down.to(x.device), self.up.to(x.device)
+        down, up, scales = (t.to(x.device) for t in (self.down, self.up, self.scales))
         if self.conv is None:
-            return F.linear(F.linear(x, down), up)
-        return F.conv2d(F.conv2d(x, down, None, **self.conv), up)
+            return F.linear(F.linear(x, down) * scales, up)
+        return F.conv2d(F.conv2d(x, down, None, **self.conv) * scales[:, None, None], up)
 
     def delta(self) -> Tensor:
         """The same change as a weight delta (float32), for fusing."""
-        delta = self.up.flatten(1).float() @ self.down.flatten(1).float()
+        delta = (self.up.flatten(1).float() * self.scales.float()) @ self.down.flatten(1).float()
         return delta.view(self.up.shape[0], *self.down.shape[1:])
 
 
@@ -318,12 +320,19 @@ class LoraSet:
         self.call_scale = 1.0
         self.fused: dict[nn.Module, tuple[dict, dict]] | None = None  # module -> its original tensors
         self._terms: dict[str, nn.Module] = {}  # "component.module" of every layer some adapter targets
+        self._stacks: dict[tuple[str, tuple[str, ...]], tuple[Tensor, Tensor]] = {}  # (layer, names) -> pairs
 
     # --------------------------------------------------------------------- loading
 
     def load(
         self, path_or_repo: str | os.PathLike, weight_name: str | None = None, adapter_name: str | None = None
     ) -> str:
+        """Load a LoRA and make it the active one at scale 1, as diffusers does; returns its name."""
+        name = self._add(path_or_repo, weight_name, adapter_name)
+        self.set_active([name], [1.0])
+        return name
+
+    def _add(self, path_or_repo, weight_name: str | None, adapter_name: str | None) -> str:
         if self.fused is not None:
             raise KolorsError("the LoRAs are fused; call unfuse_lora() before loading another")
         file = find_lora_file(path_or_repo, weight_name)
@@ -338,8 +347,6 @@ class LoraSet:
         )
         for target in adapter.layers:
             self._terms.setdefault(target, self._layer(target))
-        # As diffusers: the adapter just loaded is the active one, at scale 1.
-        self.set_active([name], [1.0])
         return name
 
     def parse(self, file: Path, name: str) -> Adapter:
@@ -372,7 +379,11 @@ class LoraSet:
                     f"LoRA file {file}: '{key}' is a text-encoder LoRA; {self.text_encoder_note}"
                 )
             _check_fits(file, key, pair, self.models[component].get_submodule(module))
-        return Adapter(name, file, layers)
+        converted = {}
+        for key, pair in layers.items():  # once, to where and how the layer computes
+            dtype, device = _dtype_device(self._layer(key), self.dtype, self.device)
+            converted[key] = LoraPair(pair.down.to(device, dtype), pair.up.to(device, dtype), pair.scale)
+        return Adapter(name, file, converted)
 
     def _layer(self, target: str) -> nn.Module:
         component, _, module = target.partition(".")
@@ -406,14 +417,12 @@ class LoraSet:
     def use(self, loras: Sequence[tuple[str | os.PathLike, float]]) -> list[str]:
         """Make exactly these LoRAs active, each `(adapter name or file, scale)`: files not loaded yet are
         loaded (once; named by their path), the others are only switched, so the base weights are not touched."""
-        names = []
-        for name_or_path, _ in loras:
-            key = str(name_or_path)
-            if key not in self.adapters:
-                active = self.active
-                self.load(key, adapter_name=key)
-                self.active = active  # load activates the new one; the set below decides
-            names.append(key)
+        names = [str(name_or_path) for name_or_path, _ in loras]
+        for name, (_, scale) in zip(names, loras, strict=True):
+            check_scale(scale, f"LoRA '{name}' scale")
+        for name in names:
+            if name not in self.adapters:
+                self._add(name, None, name)  # loaded, not yet active: the set below decides
         self.set_active(names, [scale for _, scale in loras])
         return names
 
@@ -439,15 +448,28 @@ class LoraSet:
             self.call_scale = 1.0
             self._apply(components=("unet",))
 
-    def _pairs(self, target: str) -> list[tuple[LoraPair, float]]:
+    def _term(self, target: str, layer: nn.Module) -> LowRankTerm | None:
+        """The layer's term for the active adapters, or None (the base layer)."""
         scale = self.call_scale if target.startswith("unet.") else 1.0
-        if not self.enabled:
-            return []
-        return [
-            (self.adapters[n].layers[target], w * scale)
+        active = [
+            (n, self.adapters[n].layers[target], w * scale)
             for n, w in self.active
-            if w != 0 and target in self.adapters[n].layers
+            if self.enabled and w != 0 and target in self.adapters[n].layers
         ]
+        if not active:
+            return None
+        names = tuple(n for n, _, _ in active)
+        stack = self._stacks.get((target, names))
+        if stack is None:  # a new combination: stacked once, kept for the next switch back to it
+            if len(self._stacks) > STACKS_PER_LAYER * len(self._terms):
+                self._stacks.clear()
+            pairs = [p for _, p, _ in active]
+            down = pairs[0].down if len(pairs) == 1 else torch.cat([p.down for p in pairs])
+            up = pairs[0].up if len(pairs) == 1 else torch.cat([p.up for p in pairs], dim=1)
+            stack = self._stacks[target, names] = (down, up)
+        down, up = stack
+        scales = [p.scale * w for _, p, w in active for _ in range(p.down.shape[0])]
+        return LowRankTerm(layer, down, up, torch.tensor(scales, dtype=down.dtype, device=down.device))
 
     def _apply(self, components: Sequence[str] = COMPONENTS) -> None:
         """Set every targeted layer's term to the active pairs (None where there are none: the base layer)."""
@@ -455,11 +477,8 @@ class LoraSet:
         for target, layer in self._terms.items():
             if not target.startswith(tuple(c + "." for c in components)):
                 continue
-            pairs = self._pairs(target)
             old = layer.lora
-            layer.lora = (
-                LowRankTerm(layer, pairs, *_dtype_device(layer, self.dtype, self.device)) if pairs else None
-            )
+            layer.lora = self._term(target, layer)
             te_changed |= target.startswith("text_encoder.") and (old is not None or layer.lora is not None)
         if te_changed:
             self.on_text_encoder_change()
@@ -526,7 +545,7 @@ class LoraSet:
         for layer in self._terms.values():
             layer.lora = None
         te = any(t.startswith("text_encoder.") for t in self._terms)
-        self.adapters, self.active, self._terms, self.enabled = {}, [], {}, True
+        self.adapters, self.active, self._terms, self._stacks, self.enabled = {}, [], {}, {}, True
         if te:
             self.on_text_encoder_change()
 

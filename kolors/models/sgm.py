@@ -15,7 +15,8 @@ from kolors.models.unet import UNetConfig
 
 def sgm_blocks(config: UNetConfig) -> dict[tuple[str, int, int], str]:
     """(SGM block list, block index, layer index) -> the diffusers module it is, for this UNet config: the original
-    SGM UNet numbers its layers in three flat lists (input_blocks, middle_block, output_blocks)."""
+    SGM UNet numbers its layers in three flat lists (input_blocks.i.j, middle_block.j, output_blocks.i.j; the
+    middle block's entries are (middle_block, j, 0))."""
     levels, layers = len(config.block_out_channels), config.layers
     cross_down = [t == "CrossAttnDownBlock2D" for t in config.down_block_types]
     cross_up = [t == "CrossAttnUpBlock2D" for t in config.up_block_types]
@@ -69,14 +70,16 @@ def sgm_to_diffusers(key: str, blocks: dict[tuple[str, int, int], str], sep: str
     """An SGM UNet key (`input_blocks.4.1.proj_in.weight`, or kohya's `input_blocks_4_1_proj_in` with sep="_")
     as diffusers names it (`down_blocks.1.attentions.0.proj_in.weight`); any other key as it is."""
     s = re.escape(sep)
-    m = re.fullmatch(rf"(input_blocks|middle_block|output_blocks){s}(\d+){s}(\d+)(?:{s}(.*))?", key)
+    m = re.fullmatch(rf"(input_blocks|output_blocks){s}(\d+){s}(\d+)(?:{s}(.*))?", key)
+    # The middle block is one flat list: `middle_block.1.…` is its transformer.
+    m = m or re.fullmatch(rf"(middle_block){s}(\d+)()(?:{s}(.*))?", key)
     if m is None:
         for old, new in _SGM_TOP.items():
             old = old.replace(".", sep)
             if key == old or key.startswith(old + sep):
                 return new.replace(".", sep) + key[len(old) :]
         return key
-    kind, index, layer, rest = m[1], int(m[2]), int(m[3]), m[4]
+    kind, index, layer, rest = m[1], int(m[2]), int(m[3] or 0), m[4]
     module = blocks.get((kind, index, layer))
     if module is None:
         return key  # not a layer of this config: the caller reports it

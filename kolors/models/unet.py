@@ -282,10 +282,8 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         packed = self.packed_value is not None
-        if (
-            self.proj.lora is not None and packed
-        ):  # an adapter's term (the seam, see layers) goes in before GELU
-            value, gate = (self.proj.lora(x) + self.proj.bias).chunk(2, dim=-1)
+        if self.proj.lora is not None and packed:  # an adapter's term (see layers) joins before the GELU
+            value, gate = (t.contiguous() for t in (self.proj.lora(x) + self.proj.bias).chunk(2, dim=-1))
             value = mkldnn._linear_pointwise.binary(x, value, self.packed_value, None, "add")
             gate = mkldnn._linear_pointwise.binary(x, gate, self.packed_gate, None, "add")
             return value * F.gelu(gate)
