@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from kolors.config import load_config
+from kolors.errors import KolorsError
 from kolors.models.layers import packer
 from kolors.models.quant import load_quantized
+from kolors.models.sgm import unet_keys_transform
 from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig, checkpoint_keys_transform
 from kolors.models.unet import UNet2DConditionModel, UNetConfig
 from kolors.models.vae import AutoencoderKL, VAEConfig
@@ -46,18 +48,29 @@ def load_unet(
     device: torch.device | str,
     variant: str | None = None,
     pack: bool = False,
+    file: Path | None = None,
 ) -> UNet2DConditionModel:
-    """The UNet from `folder` (unet/). `pack`: the CPU fast path's pack pass (kolors.models.layers), applied to
-    each weight as soon as it is read, so the plain and packed UNet never both exist."""
-    model = build_on_meta(lambda: UNet2DConditionModel(load_config(UNetConfig, folder / "config.json")))
+    """The UNet from `folder` (unet/), or its config with the weights of one `file` (a community fine-tune, in
+    diffusers' or the original SGM keys; see unet_files). `pack`: the CPU fast path's pack pass
+    (kolors.models.layers), applied to each weight as soon as it is read, so the plain and packed UNet never both
+    exist."""
+    config = load_config(UNetConfig, folder / "config.json")
+    model = build_on_meta(lambda: UNet2DConditionModel(config))
+    files, transform = unet_files(folder, config, variant, file)
     load_weights(
-        model,
-        weight_files(folder, variant),
-        dtype=dtype,
-        device=device,
-        loaded=packer(model) if pack else None,
+        model, files, dtype=dtype, device=device, transform=transform, loaded=packer(model) if pack else None
     )
     return model.eval().requires_grad_(False)
+
+
+def unet_files(folder: Path, config: UNetConfig, variant: str | None, file: Path | None = None):
+    """The UNet's weight files and key transform: the folder's files as they are, or one single-file UNet whose
+    SGM keys (`model.diffusion_model.…`) are mapped to diffusers' for this config."""
+    if file is None:
+        return weight_files(folder, variant), None
+    if not Path(file).is_file():
+        raise KolorsError(f"UNet file not found: {file}; pass a .safetensors file of a Kolors UNet")
+    return [Path(file)], unet_keys_transform(config)
 
 
 def load_vae(

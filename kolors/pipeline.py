@@ -22,7 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kolors import samplers
-from kolors.components import load_text_encoder, load_unet, load_vae, vae_dtype
+from kolors.adapters.lora import LoraSet, lora_short_hash
+from kolors.components import load_text_encoder, load_unet, load_vae, unet_files, vae_dtype
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
 from kolors.memory import PromptCache, parse_memory, prompt_cache_size
@@ -34,7 +35,7 @@ from kolors.models.unet import UNet2DConditionModel, UNetConfig
 from kolors.models.vae import AutoencoderKL, VAEConfig, latent_preview, sample_latent
 from kolors.noise import randn
 from kolors.request import GenerationRequest, check_seed, check_size, check_values, random_seed
-from kolors.weights import DEFAULT_REPO, check_model_folder, on_device, resolve_model
+from kolors.weights import DEFAULT_REPO, Checkpoint, check_model_folder, on_device, resolve_model
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -133,6 +134,7 @@ class KolorsPipeline:
         name: str = "Kolors",
         memory: str = "normal",
         prompt_cache: int | None = None,
+        plain_weight: Callable[[str, str], torch.Tensor] | None = None,
     ):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config = scheduler_config
@@ -146,6 +148,17 @@ class KolorsPipeline:
         self._parked = [m for m in (text_encoder, unet, vae) if parking and _device_of(m).type == "cpu"]
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.progress_bar = True
+        quant = self.text_encoder_quant
+        self.loras = LoraSet(
+            {"unet": unet, "text_encoder": text_encoder},
+            unet_config=unet.config,
+            dtype=dtype,
+            device=device,
+            text_encoder_note=quant
+            and f"this text encoder is quantized ({quant}); load the model without text_encoder_quant for it",
+            plain_weight=plain_weight,
+            on_text_encoder_change=self.prompt_cache.clear,  # cached embeddings were made without it
+        )
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -165,8 +178,11 @@ class KolorsPipeline:
         memory: str = "normal",
         prompt_cache: int | None = None,
         compile: bool = False,
+        unet: str | os.PathLike | None = None,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
+        `unet="file.safetensors"`: a community fine-tune's single-file UNet (diffusers or original SGM keys, any
+        float dtype) in place of the model's own.
         `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.models.quant), experimental.
         `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays."""
         text_encoder_quant = parse_quant(text_encoder_quant)
@@ -202,17 +218,28 @@ class KolorsPipeline:
         host = torch.device("cpu") if low else device
         # Packed for oneDNN on the CPU fast path; under torch.compile Inductor packs its own.
         pack = device.type == "cpu" and dtype in FAST_CPU_DTYPES and not compile
-        unet = load_unet(root / "unet", dtype=dtype, device=host, variant=variant, pack=pack)
+        unet_file = None if unet is None else Path(unet).expanduser()
+        unet_model = load_unet(
+            root / "unet", dtype=dtype, device=host, variant=variant, pack=pack, file=unet_file
+        )
+        files, transform = unet_files(
+            root / "unet", load_config(UNetConfig, root / "unet" / "config.json"), variant, unet_file
+        )
+
+        def plain_weight(component: str, key: str) -> torch.Tensor:
+            """A UNet weight read again from its file: fusing a LoRA into a packed layer needs the plain one."""
+            return next(Checkpoint(files, transform).read([key], dtype=dtype, device=host))[1]
+
         vae = load_vae(root / "vae", dtype=vae_dtype(root / "vae", dtype), device=host, variant=variant)
         if compile:  # torch.compile scoped to the UNet, the per-step callable; the first step compiles it
-            unet.compile()
+            unet_model.compile()
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)
         return cls(
             tokenizer,
             text_encoder,
-            unet,
+            unet_model,
             vae,
             scheduler_config,
             device=device,
@@ -220,6 +247,7 @@ class KolorsPipeline:
             name=name,
             memory=memory,
             prompt_cache=prompt_cache,
+            plain_weight=plain_weight,
         )
 
     @property
@@ -249,6 +277,55 @@ class KolorsPipeline:
         root = resolve_model(model, variant=variant)
         check_model_folder(root)
         return root
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+    # diffusers' names and behaviour (kolors.adapters.lora does the work): a loaded LoRA becomes the active one.
+
+    def load_lora_weights(
+        self, path_or_repo: str | os.PathLike, weight_name: str | None = None, adapter_name: str | None = None
+    ) -> str:
+        """Load a LoRA (diffusers/PEFT or kohya keys; a file, a folder or a hub repo) and make it the active one;
+        returns its adapter name (`default_N` unless named). A file that does not fit changes nothing."""
+        return self.loras.load(path_or_repo, weight_name, adapter_name)
+
+    def set_adapters(
+        self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
+    ) -> None:
+        """The active LoRAs and their scales (1.0 each by default); the others stay loaded, unused."""
+        self.loras.set_active(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return [name for name, _ in self.loras.active]
+
+    def get_list_adapters(self) -> list[str]:
+        return list(self.loras.adapters)
+
+    def set_loras(self, loras: Sequence[tuple[str | os.PathLike, float]]) -> list[str]:
+        """A request's LoRA set, `[(adapter name or file, scale), ...]`, made the active one: files are loaded
+        on first use (named by their path) and kept, so switching sets never reloads the base weights."""
+        return self.loras.use(loras)
+
+    def lora_hashes(self) -> list[tuple[str, str]]:
+        """(name, A1111 short hash of its file) for each active LoRA: an image's `Lora hashes`."""
+        return [(name, lora_short_hash(file)) for name, _, file in self.loras.describe()]
+
+    def disable_lora(self) -> None:
+        self.loras.set_enabled(False)
+
+    def enable_lora(self) -> None:
+        self.loras.set_enabled(True)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Add the active LoRAs into the weights: no per-step cost. The original weights are kept."""
+        self.loras.fuse(lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """The weights as before fuse_lora, bit for bit (the originals were kept, not subtracted back)."""
+        self.loras.unfuse()
+
+    def unload_lora_weights(self) -> None:
+        """Every LoRA gone: the base model again, bit for bit."""
+        self.loras.unload()
 
     # ------------------------------------------------------------------------------------------------ prompts
 
@@ -341,12 +418,43 @@ class KolorsPipeline:
         output_type: str = "pil",
         prompt_embeds: PromptEmbeds | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        cross_attention_kwargs: dict | None = None,
     ) -> KolorsPipelineOutput:
         """Generate images. `seed=` (an int, or one int per image) is a CPU generator, so a seed gives the same
         image on any device. `sampler=None` is the model folder's own scheduler (Kolors': euler), `schedule=`
         its sigmas ("karras", "exponential"; None: the sampler's default), `eta` DDIM's noise (0 to 1).
         `callback(step, num_steps, latents, denoised)` runs after each step (both in k-diffusion's space, x0 +
-        sigma * noise); raising from it stops the generation."""
+        sigma * noise); raising from it stops the generation. `cross_attention_kwargs={"scale": s}`: the
+        UNet's LoRA scales times s for this call, as diffusers."""
+        extra = set(cross_attention_kwargs or {}) - {"scale"}
+        if extra:
+            raise KolorsError(f"cross_attention_kwargs takes only 'scale', not {', '.join(sorted(extra))}")
+        with self.loras.scaled((cross_attention_kwargs or {}).get("scale")):
+            return self._call(
+                prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, sampler, schedule,
+                eta, generator, seed, num_images_per_prompt, image, strength, output_type, prompt_embeds, callback,
+            )  # fmt: skip
+
+    def _call(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        sampler,
+        schedule,
+        eta,
+        generator,
+        seed,
+        num_images_per_prompt,
+        image,
+        strength,
+        output_type,
+        prompt_embeds,
+        callback,
+    ) -> KolorsPipelineOutput:
         cfg = guidance_scale > 1.0
         check_values(
             steps=num_inference_steps,

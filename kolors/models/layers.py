@@ -9,6 +9,11 @@ Packing (`pack_weights`) is a separate pass over a loaded model, as gpt-fast swa
 with a `pack()` method reorders its weight into oneDNN's blocked layout for this CPU, once, instead of oneDNN
 reordering it at every call. A model is loaded plain; the pipeline then packs it, or has the loader apply the same
 pass to each weight as it arrives (`packer`), so that the plain and packed weights never both exist.
+
+The adapter seam: every linear and convolution here has a `lora` attribute, None unless an adapter
+(kolors.adapters.lora) sets it to a callable giving the low-rank term for the layer's input. The forward adds that
+term to its output (into the fused residual add where there is one), packed or not; nothing else in a model knows
+about adapters.
 """
 
 from __future__ import annotations
@@ -58,10 +63,33 @@ def _replace_weight(module: nn.Module, packed: Tensor) -> None:
     module.register_buffer("weight", packed, persistent=False)
 
 
+LowRankTerm = Callable[[Tensor], Tensor]  # the adapter seam: input -> the term added to the layer's output
+
+
+class PlainLinear(nn.Linear):
+    """nn.Linear with the adapter seam and nothing else: the same op as nn.Linear, never packed, for the layers
+    that keep diffusers' exact computation (the text encoder, the time MLPs, GEGLU's projection)."""
+
+    lora: LowRankTerm | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else y + self.lora(x)
+
+
+def _add_lora(module: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor | None:
+    # The low-rank term joins the residual, so the fused residual add of the fast path adds both.
+    if module.lora is None:
+        return residual
+    term = module.lora(x)
+    return term if residual is None else residual + term
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d that can add a residual to its output, fused into the convolution once its weight is packed."""
 
     pack_key = "weight"
+    lora: LowRankTerm | None = None
 
     def pack(self) -> None:
         hint = [2, self.in_channels, PACK_PIXELS_HINT, PACK_PIXELS_HINT]
@@ -71,6 +99,7 @@ class Conv2d(nn.Conv2d):
         _replace_weight(self, packed)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        residual = _add_lora(self, x, residual)
         if not self.weight.is_mkldnn:
             y = super().forward(x)
             return y if residual is None else residual + y
@@ -84,11 +113,13 @@ class Linear(nn.Linear):
     """nn.Linear that can add a residual to its output, fused into the matmul on the CPU fast path."""
 
     pack_key = "weight"
+    lora: LowRankTerm | None = None
 
     def pack(self) -> None:
         _replace_weight(self, pack_linear_weight(self.weight))
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        residual = _add_lora(self, x, residual)
         if not (self.weight.is_mkldnn or fast_cpu(x)):
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else residual + y
@@ -154,7 +185,7 @@ def pack_weights(model: nn.Module) -> None:
     identical results, a faster step (BENCHMARKS.md). For the CPU fast path only (bf16 on a CPU with oneDNN,
     not under torch.compile), and one way: the packed weights leave the state_dict, so a step that changes
     weights (an adapter) runs before this pass. Weights that run once per call (a text projection, the time
-    MLPs) are plain nn.Linear and stay as they are."""
+    MLPs) are PlainLinear and stay as they are."""
     for pack in packable(model).values():
         pack()
         return_freed_memory()  # else the freed plain weights stay resident

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kolors.config import ConfigError, load_config
+from kolors.models.layers import PlainLinear
 
 # The LM head (vocab x hidden, 0.5 GB in fp16) is in every checkpoint but Kolors never reads logits.
 UNUSED_KEYS = ("output_layer.weight",)
@@ -228,8 +229,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = config.add_qkv_bias or config.add_bias_linear
-        self.query_key_value = nn.Linear(config.hidden_size, config.qkv_size, bias=qkv_bias)
-        self.dense = nn.Linear(config.q_size, config.hidden_size, bias=config.add_bias_linear)
+        self.query_key_value = PlainLinear(config.hidden_size, config.qkv_size, bias=qkv_bias)
+        self.dense = PlainLinear(config.q_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: Tensor, bias: Tensor | None, rope: Tensor) -> Tensor:
         cfg = self.config
@@ -259,8 +260,8 @@ class MLP(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         bias = config.add_bias_linear
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=bias)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=bias)
+        self.dense_h_to_4h = PlainLinear(config.hidden_size, 2 * config.ffn_hidden_size, bias=bias)
+        self.dense_4h_to_h = PlainLinear(config.ffn_hidden_size, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kolors.config import ConfigError
-from kolors.models.layers import Conv2d, Linear, attention, fast_cpu, mkldnn, pack_linear_weight
+from kolors.models.layers import (
+    Conv2d,
+    Linear,
+    PlainLinear,
+    attention,
+    fast_cpu,
+    mkldnn,
+    pack_linear_weight,
+)
 
 # Constants of diffusers' building blocks that UNet2DConditionModel never passes down from its config.
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # Transformer2DModel's input GroupNorm
@@ -184,8 +192,8 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: f
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = PlainLinear(in_dim, dim)
+        self.linear_2 = PlainLinear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -196,7 +204,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.time_emb_proj = PlainLinear(temb_ch, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -267,7 +275,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)  # the value's weights, then the gate's
+        self.proj = PlainLinear(dim, 2 * inner)  # the value's weights, then the gate's
         # pack() moves the two halves of proj.weight here, packed
         self.register_buffer("packed_value", None, persistent=False)
         self.register_buffer("packed_gate", None, persistent=False)
@@ -279,7 +287,12 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         packed = self.packed_value is not None
-        if packed or fast_cpu(x):  # a matmul per half, GELU and product fused into them
+        if self.proj.lora is not None and packed:  # an adapter's term (see layers) joins before the GELU
+            value, gate = (t.contiguous() for t in (self.proj.lora(x) + self.proj.bias).chunk(2, dim=-1))
+            value = mkldnn._linear_pointwise.binary(x, value, self.packed_value, None, "add")
+            gate = mkldnn._linear_pointwise.binary(x, gate, self.packed_gate, None, "add")
+            return value * F.gelu(gate)
+        if self.proj.lora is None and (packed or fast_cpu(x)):  # a matmul per half, GELU and product fused
             inner, b = self.proj.out_features // 2, self.proj.bias
             w = None if packed else self.proj.weight
             value, gate = (self.packed_value, self.packed_gate) if packed else (w[:inner], w[inner:])
@@ -481,10 +494,12 @@ class UNet2DConditionModel(nn.Module):
         chs, temb = cfg.block_out_channels, cfg.time_embed_dim
         self.conv_in = Conv2d(cfg.in_channels, chs[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
-        if cfg.encoder_hid_dim is not None:
-            self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
-        else:  # diffusers' test components: the text states are already cross_attention_dim wide
-            self.encoder_hid_proj = None
+        # None: diffusers' test components, whose text states are already cross_attention_dim wide
+        self.encoder_hid_proj = (
+            PlainLinear(cfg.encoder_hid_dim, cfg.cross_attention_dim)
+            if cfg.encoder_hid_dim is not None
+            else None
+        )
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList(
             DownBlock(cfg, i, chs[max(i - 1, 0)], kind == "CrossAttnDownBlock2D")
