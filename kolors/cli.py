@@ -19,6 +19,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_REPO, help="Kolors-diffusers folder or hub repo id (default: %(default)s)"
     )
     p.add_argument(
+        "--unet",
+        default=None,
+        metavar="FILE",
+        help="a community fine-tune's single-file UNet (diffusers or original SGM keys) in place of the model's",
+    )
+    p.add_argument(
         "--variant", default=None, help="weight file variant, e.g. fp16 (default: plain, else fp16)"
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -46,6 +52,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (a Windows drive's colon is part of FILE)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path and not scale.startswith("\\") else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def add_generation_options(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     """The request's options; `batch`: as `kolors batch` reads them (defaults for jobs, text-to-image only)."""
     p.add_argument("--negative-prompt", default="")
@@ -58,6 +73,14 @@ def add_generation_options(p: argparse.ArgumentParser, *, batch: bool = False) -
         default="euler",
         help="euler (default), euler-a, heun, dpmpp-2m (good at 25 steps), dpmpp-2m-sde, unipc, ddim, "
         "lcm (LCM-distilled models)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        type=parse_lora,
+        help="apply a LoRA (safetensors, diffusers/PEFT or kohya keys) at SCALE (default 1); repeat to mix",
     )
     p.add_argument(
         "--schedule",
@@ -158,6 +181,12 @@ def add_serve_parser(sub) -> None:
     srv.add_argument("--max-n", type=int, default=8, help="images per request (default: 8)")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload (default: 20)")
     srv.add_argument(
+        "--lora-dir",
+        default=None,
+        metavar="DIR",
+        help="LoRA files requests may use by name: <lora:NAME:SCALE> in a prompt, or OpenAI's loras field",
+    )
+    srv.add_argument(
         "--preview-every",
         type=int,
         default=1,
@@ -208,7 +237,7 @@ def add_batch_parser(sub) -> None:
 
 
 # from_pretrained keywords beyond model, dtype, device and variant
-LOAD_OPTIONS = ("text_encoder_quant", "memory", "compile")
+LOAD_OPTIONS = ("text_encoder_quant", "memory", "compile", "unet")
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -238,6 +267,7 @@ def batch(args: argparse.Namespace) -> int:
             width=args.width,
             height=args.height,
             num_images=args.num_images,
+            loras=tuple(args.lora),
         ),
         seed=args.seed,
         batch_size=args.batch_size,
@@ -283,7 +313,7 @@ def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
 def generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from kolors.pipeline import KolorsPipeline, load_image
+    from kolors.pipeline import KolorsPipeline, load_image, lora_hashes
     from kolors.request import GenerationRequest, check_size, save_png
 
     image = load_image(args.image) if args.image else None
@@ -306,6 +336,7 @@ def generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         image=image,
         strength=0.3 if args.strength is None else args.strength,
+        loras=tuple(args.lora),
     )
     request = request.validate().with_seed()
     seed = request.seed
@@ -323,9 +354,12 @@ def generate(args: argparse.Namespace) -> int:
         text_encoder_quant=args.text_encoder_quant,
         memory=args.memory,
         compile=bool(args.compile),
+        unet=args.unet,
     )
     pipe.set_progress_bar_config(disable=args.quiet)
-    for (img, img_seed), path in zip(pipe.generate(request), paths, strict=True):
+    images = pipe.generate(request)
+    request = lora_hashes(pipe, request)
+    for (img, img_seed), path in zip(images, paths, strict=True):
         save_png(img, path, request.infotext(img_seed, pipe.label, size=img.size))
         print(f"{path}  (seed {img_seed})")
     return 0
@@ -351,6 +385,7 @@ def serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         url_ttl=args.url_ttl,
         preview_every=args.preview_every,
+        lora_dir=args.lora_dir,
         allowed_hosts=tuple(args.allowed_host),
     )
     config.check()

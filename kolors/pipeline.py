@@ -9,6 +9,7 @@ float32 between steps (diffusers carries them in the model dtype).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import warnings
@@ -34,7 +35,7 @@ from kolors.models.tokenizer import ChatGLMTokenizer
 from kolors.models.unet import UNet2DConditionModel, UNetConfig
 from kolors.models.vae import AutoencoderKL, VAEConfig, latent_preview, sample_latent
 from kolors.noise import randn
-from kolors.request import GenerationRequest, check_seed, check_size, check_values, random_seed
+from kolors.request import GenerationRequest, check_seed, check_size, check_values, lora_name, random_seed
 from kolors.weights import DEFAULT_REPO, Checkpoint, check_model_folder, on_device, resolve_model
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -708,6 +709,8 @@ def generate(
 ) -> list[tuple[Image.Image, int]]:
     """KolorsPipeline.generate, for anything that is called like a pipeline (the server's workers wrap theirs)."""
     request = request.validate().with_seed()
+    if request.loras or pipe.get_active_adapters():
+        pipe.set_loras(request.loras)  # this request's LoRAs and none other; the base weights stay loaded
     out = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
@@ -724,6 +727,14 @@ def generate(
         callback=callback,
     )
     return list(zip(out.images, out.seeds, strict=True))
+
+
+def lora_hashes(pipe: KolorsPipeline, request: GenerationRequest) -> GenerationRequest:
+    """`request` with the A1111 short hash of each of its LoRAs (read from the files the pipeline loaded)."""
+    if not request.loras:
+        return request
+    hashes = tuple((lora_name(name), digest) for name, digest in pipe.lora_hashes())
+    return dataclasses.replace(request, lora_hashes=hashes)
 
 
 # -------------------------------------------------------------------------------------------------- checks

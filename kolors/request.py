@@ -68,6 +68,11 @@ class GenerationRequest:
     num_images: int = 1
     image: Image.Image | None = field(default=None, compare=False, repr=False)  # image-to-image's init image
     strength: float = 0.3
+    loras: tuple[
+        tuple[str, float], ...
+    ] = ()  # (LoRA file or loaded adapter name, scale), applied to this request
+    # (name, A1111 short hash) of each LoRA, filled in once the LoRAs are loaded: the image's `Lora hashes`
+    lora_hashes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """The one validation, before any model is loaded; returns the request itself."""
@@ -82,6 +87,7 @@ class GenerationRequest:
             limits=limits,
         )
         check_seed(self.seed, self.num_images)
+        check_loras(self.loras)
         return self
 
     def with_seed(self) -> GenerationRequest:
@@ -109,14 +115,41 @@ class GenerationRequest:
         ]
         if self.image is not None:
             fields.append(f"Denoising strength: {self.strength}")
-        return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
+        if self.lora_hashes:
+            fields.append(
+                f'Lora hashes: "{", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)}"'
+            )
+        # A1111 keeps each LoRA as a <lora:name:scale> tag in the prompt it records: the image reproduces there.
+        tags = "".join(f" <lora:{lora_name(name)}:{scale:g}>" for name, scale in self.loras)
+        return f"{self.prompt}{tags}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
 
     def as_dict(self) -> dict:
-        """The fields as plain data (the init image left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
+        """The fields as plain data (the init image and the LoRAs' hashes left out)."""
+        return {name: getattr(self, name) for name in FIELDS if name != "image"}
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "lora_hashes")
+
+
+def lora_name(name_or_path: str) -> str:
+    """A LoRA as A1111 names it: its file's stem (a loaded adapter's name stays as it is)."""
+    return Path(name_or_path).stem if Path(name_or_path).suffix else str(name_or_path)
+
+
+def check_loras(loras) -> None:
+    for entry in loras:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]):
+            raise InvalidRequest("loras", f"a LoRA is (file or name, scale), not {entry!r}")
+        scale = entry[1]
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or scale < 0
+        ):
+            raise InvalidRequest(
+                "loras", f"LoRA '{entry[0]}' scale must be a finite number >= 0, not {scale!r}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- checks

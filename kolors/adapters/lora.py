@@ -15,6 +15,7 @@ bit for bit. Everything is checked before anything changes: a file that does not
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -113,7 +114,14 @@ def read_lora_file(file: Path) -> tuple[dict[str, Tensor], dict | None]:
 
 
 def lora_short_hash(file: str | os.PathLike) -> str:
-    """The first 12 hex digits of the file's sha256: the short hash A1111 writes in `Lora hashes`."""
+    """The first 12 hex digits of the file's sha256: the short hash A1111 writes in `Lora hashes`. Each file
+    is read once while it stays the same (size and mtime), not at every image."""
+    stat = os.stat(file)
+    return _short_hash(str(Path(file).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _short_hash(file: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

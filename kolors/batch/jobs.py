@@ -36,6 +36,8 @@ DEFAULTS = {
     for k, v in GenerationRequest(prompt="").as_dict().items()
     if k in JOB_FIELDS and k not in ("prompt", "seed")
 }
+# Fields added after manifests were first written, with the value an older row means.
+LATER_FIELDS = {"schedule": None, "loras": ()}
 # What one image's pixels depend on, besides the model: its request with num_images 1 and its own seed.
 IMAGE_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("id", "num_images"))
 
@@ -56,7 +58,7 @@ class ImageSpec:
     def settings(self) -> tuple:
         """What the images of one pipeline call must share."""
         r = self.request
-        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height)
+        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras)
 
     @property
     def params(self) -> dict:
@@ -75,7 +77,9 @@ class ImageSpec:
     def from_row(cls, row: Mapping) -> ImageSpec:
         """The spec of a manifest row; rows of runs before content keys have no keyed_by: by line number, and
         rows from before `schedule` existed lack it (None, the sampler's own)."""
-        request = GenerationRequest(**{k: row.get(k) if k == "schedule" else row[k] for k in IMAGE_FIELDS})
+        values = {k: row.get(k, LATER_FIELDS[k]) if k in LATER_FIELDS else row[k] for k in IMAGE_FIELDS}
+        values["loras"] = tuple((str(name), float(scale)) for name, scale in values["loras"])  # JSON lists
+        request = GenerationRequest(**values)
         keyed_by = row.get("keyed_by", "id" if row["id"] is not None else "line")
         return cls(row["file"], row["id"], row["line"], row["index"], request, keyed_by)
 
@@ -257,9 +261,34 @@ def _typed(name: str, value):
         raise KolorsError(f"guidance must be a number, not {value!r}")
     if name == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if name == "loras":
+        return _loras(value)
     if isinstance(value, str):
         return value
     raise KolorsError(f"{name} must be text, not {value!r}")
+
+
+def _loras(value) -> tuple[tuple[str, float], ...]:
+    """A job's LoRAs: a list of "FILE:SCALE" texts, {"name": FILE, "scale": S} objects or [FILE, S] pairs; in a
+    CSV cell, "FILE:SCALE" entries separated by ';'. The scale defaults to 1."""
+    items = [v for v in value.split(";") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise KolorsError(f'loras must be a list like ["style.safetensors:0.8"], not {value!r}')
+    loras = []
+    for item in items:
+        if isinstance(item, str):
+            path, _, scale = item.strip().rpartition(":")
+            try:
+                loras.append((path, float(scale)) if path else (item.strip(), 1.0))
+            except ValueError:
+                loras.append((item.strip(), 1.0))
+        elif isinstance(item, dict) and set(item) <= {"name", "scale"} and isinstance(item.get("name"), str):
+            loras.append((item["name"], item.get("scale", 1.0)))
+        elif isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
+            loras.append((item[0], item[1]))
+        else:
+            raise KolorsError(f'a LoRA is "FILE:SCALE" or {{"name": FILE, "scale": S}}, not {item!r}')
+    return tuple(loras)
 
 
 def _file_key(job_id: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kolors.batch.jobs import ImageSpec
-from kolors.pipeline import KolorsPipeline
+from kolors.pipeline import KolorsPipeline, lora_hashes
 from kolors.request import save_png
 
 
@@ -25,7 +25,8 @@ def batches(specs: list[ImageSpec], batch_size: int) -> Iterator[list[ImageSpec]
 def make_images(pipe: KolorsPipeline, chunk: list[ImageSpec], output_dir: Path) -> Iterator[dict]:
     """Generate `chunk` and write each PNG; yields each image's manifest row once its file is in place."""
     for spec, image in zip(chunk, generate(pipe, chunk), strict=True):
-        save_png(image, output_dir / spec.file, spec.infotext(pipe.label))
+        request = lora_hashes(pipe, spec.request)
+        save_png(image, output_dir / spec.file, request.infotext(request.seed, pipe.label))
         yield spec.row(pipe.label)
 
 
@@ -34,6 +35,8 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
     first = chunk[0].request
     cfg = first.guidance > 1.0
     requests = [s.request for s in chunk]
+    if first.loras or pipe.get_active_adapters():
+        pipe.set_loras(first.loras)  # one LoRA set per group (batches groups by it)
     embeds = pipe.encode_texts(
         [r.prompt for r in requests], [r.negative_prompt for r in requests] if cfg else None
     )

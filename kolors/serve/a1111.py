@@ -27,6 +27,7 @@ from kolors.serve.schemas import (
     decode_base64,
     decode_image,
     fit_init_image,
+    lora_files,
 )
 from kolors.serve.state import config, encode, infotext, model, run_job
 
@@ -55,7 +56,7 @@ async def respond(request: Request, body, calls, parameters: dict) -> A1111Respo
 @router.post("/txt2img", response_model=A1111Response, responses=A1111_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
     """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string."""
-    calls = a1111_calls(body, config(request), model(request).native_size)
+    calls = a1111_calls(body, config(request), model(request).native_size, loras=request.app.state.loras)
     return await respond(request, body, calls, body.model_dump())
 
 
@@ -72,7 +73,9 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
         size = (body.width or image.width - image.width % 8, body.height or image.height - image.height % 8)
         checked_size(*size, cfg)
     image = await run_in_threadpool(fit_init_image, image, size, cfg, "init_images")
-    calls = a1111_calls(body, cfg, model(request).native_size, image, body.denoising_strength)
+    calls = a1111_calls(
+        body, cfg, model(request).native_size, image, body.denoising_strength, loras=request.app.state.loras
+    )
     parameters = body.model_dump()
     if not body.include_init_images:
         parameters["init_images"] = None
@@ -141,6 +144,19 @@ async def list_schedulers() -> list[dict[str, Any]]:
         {"name": key, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
         for key, label in names
     ]
+
+
+@router.get("/loras")
+async def list_loras(request: Request) -> list[dict[str, Any]]:
+    """The LoRAs of the server's --lora-dir, by the name a prompt's <lora:NAME:SCALE> tag uses."""
+    loras = request.app.state.loras
+    return [{"name": n, "alias": n, "path": str(f), "metadata": {}} for n, f in sorted(loras.items())]
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(request: Request) -> None:
+    """Read the --lora-dir folder again (files added or removed since the server started)."""
+    request.app.state.loras = await run_in_threadpool(lora_files, config(request).lora_dir)
 
 
 @router.get("/sd-models")

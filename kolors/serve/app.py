@@ -25,7 +25,7 @@ from kolors.errors import KolorsError
 from kolors.serve import a1111, openai, web
 from kolors.serve.http import BodyLimit, Guard, add_error_handlers
 from kolors.serve.jobs import JobQueue
-from kolors.serve.schemas import ServerConfig
+from kolors.serve.schemas import ServerConfig, lora_files
 from kolors.serve.state import FileStore, ModelInfo
 
 __all__ = ["ServerConfig", "check_bind", "create_app", "run"]
@@ -76,6 +76,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     app.state.files = FileStore(config.url_ttl, int(config.url_store_mb * 2**20))
     app.state.model = ModelInfo(pipes[0].name, pipes[0].native_size, pipes[0].label)
     app.state.preview = pipes[0].preview
+    app.state.loras = lora_files(config.lora_dir)
     add_error_handlers(app)
     # base64 makes an upload 4/3 larger; the rest of a request is small.
     app.add_middleware(BodyLimit, max_bytes=math.ceil(config.max_upload_bytes * 4 / 3) + 2**20)

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from kolors.errors import KolorsError
-from kolors.pipeline import generate
+from kolors.pipeline import generate, lora_hashes
 from kolors.request import GenerationRequest
 
 log = logging.getLogger("kolors.server")
@@ -249,7 +249,7 @@ class JobQueue:
                     raise Interrupted
                 job.call, job.step, job.steps, job.preview = i, 0, request.steps, None
                 for image, seed in generate(pipe, request, callback=on_step):
-                    job.results.append((image, seed, request))
+                    job.results.append((image, seed, lora_hashes(pipe, request)))
             return JobState.DONE
         except Interrupted:
             return JobState.CANCELLED

@@ -63,7 +63,13 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
     native = model(request).native_size
     size = parse_size(body.size, (native, native), config(request))
     fields = {"prompt", "n", "negative_prompt", "seed", "steps", "guidance_scale", "sampler", "schedule"}
-    call = openai_call(config(request), size=size, **body.model_dump(include=fields))
+    call = openai_call(
+        config(request),
+        size=size,
+        lora_list=body.loras,
+        loras=request.app.state.loras,
+        **body.model_dump(include=fields),
+    )
     return await respond(request, call, body.response_format)
 
 
@@ -121,6 +127,7 @@ async def edits(
         schedule=schedule,
         image=init,
         strength=strength,
+        loras=request.app.state.loras,
     )
     return await respond(request, call, response_format)
 

@@ -14,6 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
@@ -50,12 +51,17 @@ class ServerConfig:
     url_ttl: float = 3600.0  # seconds a response_format=url image stays downloadable
     url_store_mb: float = 512.0  # memory for those images; the oldest go first
     preview_every: int = 1  # a live preview for /sdapi/v1/progress every this many steps; 0: none
+    lora_dir: str | None = None  # the LoRAs requests may name: the files in this folder, by their stem
     allowed_hosts: tuple[str, ...] = ()  # Host names answered without a key, beyond the loopback ones
 
     def check(self) -> None:
         for name in ("queue_size", "max_width", "max_height", "max_steps", "max_n", "max_upload_pixels"):
             if getattr(self, name) < 1:
                 raise KolorsError(f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise KolorsError(
+                f"lora-dir {self.lora_dir} is not a folder; give the folder that holds the LoRA files"
+            )
         if not isinstance(self.preview_every, int) or self.preview_every < 0:
             raise KolorsError(f"preview-every must be a whole number >= 0, not {self.preview_every}")
         for name in ("max_upload_mb", "url_ttl", "url_store_mb"):
@@ -139,6 +145,13 @@ class A1111Response(BaseModel):
     info: str
 
 
+class LoraChoice(BaseModel):
+    name: str = Field(
+        min_length=1, description="a LoRA file's name in the server's --lora-dir (see /sdapi/v1/loras)"
+    )
+    scale: float = Field(1.0, ge=0, le=10, allow_inf_nan=False)
+
+
 class OpenAIImageRequest(BaseModel):
     """OpenAI's images/generations body, plus Kolors' own fields."""
 
@@ -160,6 +173,7 @@ class OpenAIImageRequest(BaseModel):
         description="euler (default), euler-a, heun, dpmpp-2m, dpmpp-2m-sde, unipc, ddim, lcm, or an A1111 name",
     )
     schedule: str | None = Field(None, description="karras or exponential; absent: the sampler's own")
+    loras: list[LoraChoice] | None = Field(None, description="LoRAs from the server's --lora-dir, by name")
 
 
 class OpenAIImage(BaseModel):
@@ -176,6 +190,38 @@ class OpenAIImagesResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------- checks
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def lora_files(folder: str | None) -> dict[str, Path]:
+    """The LoRAs in `folder` (recursively) by file stem, as A1111's Lora folder."""
+    if folder is None:
+        return {}
+    files = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in LORA_SUFFIXES and f.is_file())
+    return {f.stem: f for f in files}
+
+
+def lora_file(name: str, loras: dict[str, Path], field: str) -> str:
+    if name not in loras:
+        known = ", ".join(sorted(loras)) or "none: start the server with --lora-dir DIR"
+        raise RequestError(field, f"unknown LoRA {name!r}; this server has: {known}")
+    return str(loras[name])
+
+
+def take_lora_tags(prompt: str, loras: dict[str, Path]) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """A1111's <lora:NAME:SCALE> tags taken out of the prompt, as (prompt without them, ((file, scale), ...))."""
+    chosen = []
+    for name, scale in LORA_TAG.findall(prompt):
+        try:
+            value = float(scale) if scale.strip() else 1.0
+        except ValueError:
+            raise RequestError("prompt", f"<lora:{name}:{scale}> has no number for its scale") from None
+        chosen.append((lora_file(name.strip(), loras, "prompt"), value))
+    text = " ".join(LORA_TAG.sub(" ", prompt).split()) if chosen else prompt
+    return text, tuple(chosen)
 
 
 def checked(request: GenerationRequest, config: ServerConfig, fields: dict[str, str]) -> GenerationRequest:
@@ -318,7 +364,13 @@ A1111_FIELDS = {
     "sampler": "sampler_name",
     "schedule": "scheduler",
 }
-OPENAI_FIELDS = {"guidance": "guidance_scale", "num_images": "n", "width": "size", "height": "size"}
+OPENAI_FIELDS = {
+    "guidance": "guidance_scale",
+    "loras": "loras",
+    "num_images": "n",
+    "width": "size",
+    "height": "size",
+}
 
 
 def a1111_calls(
@@ -327,14 +379,16 @@ def a1111_calls(
     native_size: int,
     image: Image.Image | None = None,
     strength: float = 0.3,
+    loras: dict[str, Path] | None = None,
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
     width, height = (body.width or native_size, body.height or native_size) if image is None else image.size
     sampler, schedule = resolve_sampler(
         body.sampler_name or body.sampler_index, body.scheduler, "sampler_name"
     )
+    prompt, prompt_loras = take_lora_tags(body.prompt or "", loras or {})
     job = GenerationRequest(  # the whole job, checked as one request: its image count and seed range
-        prompt=body.prompt or "",
+        prompt=prompt,
         negative_prompt=body.negative_prompt or "",
         steps=default_steps(body.steps, config),
         guidance=float(body.cfg_scale),
@@ -346,6 +400,7 @@ def a1111_calls(
         num_images=body.batch_size * body.n_iter,
         image=image,
         strength=strength,
+        loras=prompt_loras,
     )
     job = checked(job, config, {**A1111_FIELDS, "strength": "denoising_strength"})
     call = replace(job, num_images=body.batch_size)
@@ -405,8 +460,13 @@ def openai_call(
     schedule: str | None = None,
     image: Image.Image | None = None,
     strength: float = 0.3,
+    lora_list: list | None = None,
+    loras: dict[str, Path] | None = None,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
+    prompt, chosen = take_lora_tags(prompt, loras or {})
+    for entry in lora_list or []:
+        chosen += ((lora_file(entry.name, loras or {}, "loras"), entry.scale),)
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
@@ -420,5 +480,6 @@ def openai_call(
         num_images=n or 1,
         image=image,
         strength=strength,
+        loras=chosen,
     )
     return checked(request, config, OPENAI_FIELDS)

@@ -328,9 +328,23 @@ async function loadServerInfo() {
   }
   try {
     fillSamplers(await api("sdapi/v1/samplers"));
+    fillLoras(await api("sdapi/v1/loras"));
   } catch (e) {
     showError(e.message);
   }
+}
+
+// The server's --lora-dir, if any: picking one writes A1111's <lora:NAME:SCALE> tag into the prompt.
+function fillLoras(loras) {
+  $("lora-row").hidden = !loras.length;
+  $("lora").replaceChildren(...loras.map((l) => new Option(l.name, l.name)));
+}
+
+function addLora() {
+  const prompt = $("prompt");
+  const tag = `<lora:${$("lora").value}:0.8>`;
+  prompt.value = prompt.value.trim() ? `${prompt.value.trim()} ${tag}` : tag;
+  prompt.focus();
 }
 
 function fillSamplers(samplers) {
@@ -350,6 +364,7 @@ function fillSamplers(samplers) {
 }
 
 function init() {
+  $("add-lora").addEventListener("click", addLora);
   $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
   $("api-key").addEventListener("change", () => {
     localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
