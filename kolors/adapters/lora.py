@@ -113,9 +113,17 @@ def read_lora_file(file: Path) -> tuple[dict[str, Tensor], dict | None]:
 
 
 def lora_short_hash(file: str | os.PathLike) -> str:
-    """The first 12 hex digits of the file's sha256: the short hash A1111 writes in `Lora hashes`."""
+    """The short hash A1111 writes in `Lora hashes` (extensions-builtin/Lora/network.py): the first 12 hex digits
+    of the file's sha256, except that for a safetensors file it is its `sshs_model_hash` metadata if it has one,
+    else the sha256 of the bytes after the header (the "addnet" hash, unchanged by editing the metadata)."""
     digest = hashlib.sha256()
     with open(file, "rb") as f:
+        if str(file).endswith(".safetensors"):
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length) or b"{}")
+            stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
+            if stored:
+                return str(stored)[:12]
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
