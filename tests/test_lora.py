@@ -257,7 +257,8 @@ def test_set_loras_switches_without_reloading(lora_pipe, loras, base_image):
     lora_pipe.set_loras([])
     np.testing.assert_array_equal(images(lora_pipe), base_image)
     lora_pipe.set_loras([(str(loras["ink"]), 1.0)])
-    sha = hashlib.sha256(loras["ink"].read_bytes()).hexdigest()
+    data = loras["ink"].read_bytes()  # A1111's addnet hash: the bytes after the safetensors header
+    sha = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
     assert lora_pipe.lora_hashes() == [(str(loras["ink"]), sha[:12])]
 
 
@@ -362,3 +363,19 @@ def test_single_file_unet_in_sgm_or_diffusers_keys(tiny_model_dir, reference_pip
         KolorsPipeline.from_pretrained(
             tiny_model_dir, dtype=torch.float32, device="cpu", unet=tmp_path / "no"
         )
+
+
+def test_a1111_short_hash(tmp_path):
+    from kolors.adapters.lora import lora_short_hash
+
+    save_file(
+        {"x": torch.zeros(2)}, tmp_path / "a.safetensors", metadata={"sshs_model_hash": "0123456789abcdef"}
+    )
+    assert (
+        lora_short_hash(tmp_path / "a.safetensors") == "0123456789ab"
+    )  # the trainer's own, as A1111 reads it
+    torch.save({"x": torch.zeros(2)}, tmp_path / "b.bin")
+    assert (
+        lora_short_hash(tmp_path / "b.bin")
+        == hashlib.sha256((tmp_path / "b.bin").read_bytes()).hexdigest()[:12]
+    )

@@ -54,7 +54,9 @@ def expected(pipe, loras, seed, prompt=PROMPT):
 
 
 def short_hash(file) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    """A1111's addnet hash of a safetensors file: the sha256 of the bytes after the header."""
+    data = file.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
 
 
 def test_server_lora_tags_listing_and_openai_field(pipe, lora_dir):

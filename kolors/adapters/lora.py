@@ -114,8 +114,10 @@ def read_lora_file(file: Path) -> tuple[dict[str, Tensor], dict | None]:
 
 
 def lora_short_hash(file: str | os.PathLike) -> str:
-    """The first 12 hex digits of the file's sha256: the short hash A1111 writes in `Lora hashes`. Each file
-    is read once while it stays the same (size and mtime), not at every image."""
+    """The short hash A1111 writes in `Lora hashes` (extensions-builtin/Lora/network.py): the first 12 hex digits
+    of the file's sha256, except that for a safetensors file it is its `sshs_model_hash` metadata if it has one,
+    else the sha256 of the bytes after the header (the "addnet" hash, unchanged by editing the metadata). Each
+    file is read once while it stays the same (size and mtime), not at every image."""
     stat = os.stat(file)
     return _short_hash(str(Path(file).resolve()), stat.st_size, stat.st_mtime_ns)
 
@@ -124,6 +126,12 @@ def lora_short_hash(file: str | os.PathLike) -> str:
 def _short_hash(file: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
+        if str(file).endswith(".safetensors"):
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length) or b"{}")
+            stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
+            if stored:
+                return str(stored)[:12]
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
