@@ -57,6 +57,11 @@ class PromptEmbeds:
         return self.prompt_embeds.shape[0]
 
 
+class StopSampling(Exception):
+    """Raised from a step callback: stop denoising now and decode the latents as they are (AUTOMATIC1111's
+    interrupt, which answers the images made so far), where any other exception ends the call with no image."""
+
+
 @dataclass
 class KolorsPipelineOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor
@@ -398,8 +403,11 @@ class KolorsPipeline:
         steps = len(timesteps)
         bar = tqdm(total=steps, disable=not self.progress_bar or steps == 0, desc="kolors", leave=False)
 
+        latest = [x]  # the latents after the last finished step, for StopSampling
+
         def on_step(i: int, latents: torch.Tensor) -> None:
             bar.update()
+            latest[0] = latents
             if callback is not None:
                 callback(i, steps, latents)
 
@@ -410,6 +418,8 @@ class KolorsPipeline:
                 )
                 if steps:
                     x = samplers.sample(sampler, denoise, x, list(sigmas), callback=on_step)
+        except StopSampling:
+            x = latest[0]
         finally:
             bar.close()
         with self._stage(self.vae):

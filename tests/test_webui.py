@@ -256,9 +256,8 @@ def test_progress_is_shown_while_generating_and_interrupt_stops_the_run(page):
 
     page.wait_for_function("document.querySelector('#generate-form').getAttribute('aria-busy') === 'false'")
     assert page.is_hidden("#progress-box") and page.is_disabled("#interrupt")
-    # Stopped after a few of its steps: no image was finished, and the page says so.
-    assert page.locator("#gallery li").count() == 0
-    assert "interrupted" in page.inner_text("#error").lower()
+    # Stopped after a few of its steps: as AUTOMATIC1111, the server answers the image as far as it got.
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 1")
 
 
 def test_the_api_key_is_sent_as_a_bearer_token_and_remembered(browser, pipe):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from kolors.errors import KolorsError
-from kolors.pipeline import generate
+from kolors.pipeline import StopSampling, generate
 from kolors.request import GenerationRequest
 
 log = logging.getLogger("kolors.server")
@@ -62,7 +62,8 @@ class Job:
     call: int = 0  # which of `calls` is running
     step: int = 0  # steps done in that call
     steps: int = 0  # steps that call runs
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by /interrupt or cancelled while running
+    keep_partial: bool = False  # /interrupt: the running call decodes what it has, as AUTOMATIC1111 answers
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: list[Callable[[Job], None]] = field(default_factory=list, repr=False)
@@ -100,6 +101,12 @@ class Job:
                 return
         _call(fn, self)
 
+    def describe_error(self) -> str:
+        if self.error is None:
+            return ""
+        text = str(self.error).strip().splitlines()
+        return f"{type(self.error).__name__}: {text[0]}" if text else type(self.error).__name__
+
     def _finish(self, state: JobState) -> None:
         with self._lock:
             self.state, self.finished = state, time.monotonic()
@@ -107,6 +114,19 @@ class Job:
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             _call(fn, self)
+
+
+def log_end(job: Job, seconds: float | None = None) -> None:
+    """One line per finished job on the server's logger: done, failed with its reason, or cancelled."""
+    took = f" after {seconds:.1f} s" if seconds is not None else " while queued"
+    images = f"{len(job.results)} image(s)"
+    if job.state is JobState.DONE:
+        log.info("job %s done: %s%s", job.id, images, took)
+    elif job.state is JobState.FAILED:
+        log.warning("job %s failed%s: %s", job.id, took, job.describe_error())
+    else:
+        why = "interrupted" if job.interrupted else "cancelled"
+        log.info("job %s %s%s (%s kept)", job.id, why, took, images)
 
 
 def _call(fn: Callable[[Job], None], job: Job) -> None:
@@ -178,12 +198,13 @@ class JobQueue:
             else:
                 return
         job._finish(JobState.CANCELLED)
+        log_end(job)
 
     def interrupt(self) -> int:
         """Stop the running jobs after their current step (the waiting ones go on); how many were running."""
         with self._cond:
             for job in self._running:
-                job.interrupted = True
+                job.interrupted = job.keep_partial = True
                 job._stop.set()
             return len(self._running)
 
@@ -206,6 +227,7 @@ class JobQueue:
             self._cond.notify_all()
         for job in cancelled:
             job._finish(JobState.CANCELLED)
+            log_end(job)
         for thread in self._threads:
             thread.join(timeout)
 
@@ -230,12 +252,14 @@ class JobQueue:
                     elapsed = time.monotonic() - job.started
                     self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
             job._finish(state)
+            log_end(job, elapsed)
 
     def _run(self, pipe, job: Job) -> JobState:
         def on_step(step: int, num_steps: int, latents) -> None:
-            if job._stop.is_set():
-                raise Interrupted
             job.step, job.steps = step + 1, num_steps
+            if job._stop.is_set():
+                # An interrupt keeps the images as far as they got (A1111's answer); a client gone needs none.
+                raise StopSampling if job.keep_partial else Interrupted
 
         try:
             for i, request in enumerate(job.calls):
@@ -244,7 +268,7 @@ class JobQueue:
                 job.call, job.step, job.steps = i, 0, request.steps
                 for image, seed in generate(pipe, request, callback=on_step):
                     job.results.append((image, seed, request))
-            return JobState.DONE
+            return JobState.CANCELLED if job._stop.is_set() else JobState.DONE
         except Interrupted:
             return JobState.CANCELLED
         except KolorsError as e:
