@@ -139,6 +139,17 @@ def add_serve_parser(sub) -> None:
         "e.g. the machine's name behind a reverse proxy); others are refused against DNS rebinding",
     )
     srv.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="names clients may ask for (vLLM's convention); the first is the one answers carry (default: the "
+        "model's name). OpenAI's own model names (dall-e-3, gpt-image-1, ...) are always accepted",
+    )
+    srv.add_argument(
+        "--max-decodes", type=int, default=2, help="uploaded images decoded at once; more wait (default: 2)"
+    )
+    srv.add_argument(
         "--queue-size", type=int, default=64, help="jobs that may wait; more get 429 (default: 64)"
     )
     srv.add_argument("--max-width", type=int, default=2048)
@@ -332,6 +343,8 @@ def serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         url_ttl=args.url_ttl,
         allowed_hosts=tuple(args.allowed_host),
+        served_model_names=tuple(args.served_model_name),
+        max_decodes=args.max_decodes,
     )
     config.check()
     check_bind(args.host, config.api_key)
