@@ -237,6 +237,7 @@ def test_download_prints_the_checked_snapshot(tiny_model_dir, capsys, monkeypatc
         return tiny_model_dir
 
     monkeypatch.setattr(kolors.pipeline, "resolve_model", fake_resolve)
+    monkeypatch.setattr("kolors.cli.check_hub", lambda model: None)  # the hub "answers" (no network here)
     code, out, _ = run(["download", "Kwai-Kolors/Kolors-diffusers", "--variant", "fp16"], capsys)
     assert code == 0 and out.strip() == str(tiny_model_dir)
     assert asked == {"model": "Kwai-Kolors/Kolors-diffusers", "variant": "fp16"}
@@ -309,3 +310,20 @@ def test_a_long_prompt_warning_is_one_line(tiny_model_dir, tmp_path, capsys):
     (line,) = [x for x in err.splitlines() if "tokens" in x]
     assert line.startswith("kolors: warning: prompts longer than") and "warnings.warn" not in err
     assert err.count("\n") == 1, err
+
+
+def test_no_network_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from kolors.pipeline import KolorsPipeline
+
+    def unreachable(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(KolorsPipeline, "from_pretrained", lambda *a, **k: pytest.fail("it tried the hub"))
+    for argv in (["generate", "a cat", "-o", str(tmp_path / "a.png")], ["download"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "HF_HUB_OFFLINE=1" in err and "--model PATH" in err and "Network is unreachable" in err
