@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kolors.config import ConfigError
+from kolors.config import ConfigError, check_positive
 from kolors.errors import KolorsError
 
 Model = Callable[[Tensor, int], Tensor]  # (x in VE space, step index into sigmas) -> denoised x0
@@ -57,6 +57,9 @@ class SchedulerConfig:
     thresholding: bool = False
 
     def __post_init__(self) -> None:
+        check_positive(self, "num_train_timesteps", "beta_start", "beta_end")
+        if self.steps_offset < 0:
+            raise ConfigError(f"steps_offset={self.steps_offset} must be 0 or more")
         unsupported = {
             "prediction_type": (self.prediction_type, ("epsilon",)),
             "interpolation_type": (self.interpolation_type, ("linear",)),
