@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model into the Hugging Face cache (then usable offline)")
     dl.add_argument("model", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--variant", default=None, help="weight file variant (default: plain, else fp16)")
+    dl.add_argument(
+        "--configs-only",
+        action="store_true",
+        help="only the configs and the tokenizer (about 1 MB): enough for bench/fake_weights.py to make a "
+        "random model to try kolors with, without the 18 GB of weights",
+    )
     add_batch_parser(sub)
     add_serve_parser(sub)
     return parser
@@ -171,6 +177,17 @@ def add_serve_parser(sub) -> None:
         metavar="NAME",
         help="a Host name to answer without an API key besides localhost and loopback addresses (repeatable; "
         "e.g. the machine's name behind a reverse proxy); others are refused against DNS rebinding",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="names clients may ask for (vLLM's convention); the first is the one answers carry (default: the "
+        "model's name). OpenAI's own model names (dall-e-3, gpt-image-1, ...) are always accepted",
+    )
+    srv.add_argument(
+        "--max-decodes", type=int, default=2, help="uploaded images decoded at once; more wait (default: 2)"
     )
     srv.add_argument(
         "--queue-size", type=int, default=64, help="jobs that may wait; more get 429 (default: 64)"
@@ -284,8 +301,33 @@ def batch(args: argparse.Namespace) -> int:
 def download(args: argparse.Namespace) -> int:
     from kolors.pipeline import KolorsPipeline
 
+    check_hub(args.model)
+    if args.configs_only:
+        from huggingface_hub import snapshot_download
+
+        print(snapshot_download(args.model, allow_patterns=["*.json", "tokenizer/*"]))
+        return 0
     print(KolorsPipeline.resolve(args.model, variant=args.variant))
     return 0
+
+
+def check_hub(model: str, timeout: float = 3.0) -> None:
+    """A hub model without a network fails now, in one line, instead of after ~25 s of the hub client's
+    retries; a local folder, or HF_HUB_OFFLINE=1 (the cache only), needs no network."""
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(model).exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise KolorsError(
+            f"cannot reach the Hugging Face hub at {endpoint.hostname} ({e.strerror or e}); if {model} is "
+            "downloaded already, run with HF_HUB_OFFLINE=1, or pass --model PATH to a local model folder"
+        ) from None
 
 
 def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
@@ -346,6 +388,7 @@ def generate(args: argparse.Namespace) -> int:
             "kolors: warning: --strength applies only to image-to-image (--image); ignored", file=sys.stderr
         )
 
+    check_hub(args.model)
     pipe = KolorsPipeline.from_pretrained(
         args.model,
         dtype=args.dtype,
@@ -387,12 +430,15 @@ def serve(args: argparse.Namespace) -> int:
         preview_every=args.preview_every,
         lora_dir=args.lora_dir,
         allowed_hosts=tuple(args.allowed_host),
+        served_model_names=tuple(args.served_model_name),
+        max_decodes=args.max_decodes,
     )
     config.check()
     check_bind(args.host, config.api_key)
     if not 0 < args.port < 65536:
         raise KolorsError(f"port must be between 1 and 65535, not {args.port}")
     load_options = {k: v for k in LOAD_OPTIONS if (v := getattr(args, k, None)) is not None}
+    check_hub(args.model)
     pipe = KolorsPipeline.from_pretrained(
         args.model, dtype=args.dtype, device=args.device, variant=args.variant, **load_options
     )

@@ -60,6 +60,11 @@ class PromptEmbeds:
         return self.prompt_embeds.shape[0]
 
 
+class StopSampling(Exception):
+    """Raised from a step callback: stop denoising now and decode the last prediction (AUTOMATIC1111's
+    interrupt, which answers the images made so far), where any other exception ends the call with no image."""
+
+
 @dataclass
 class KolorsPipelineOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor
@@ -530,8 +535,13 @@ class KolorsPipeline:
         steps = plan.steps
         bar = tqdm(total=steps, disable=not self.progress_bar or steps == 0, desc="kolors", leave=False)
 
+        # The prediction of the last finished step, for StopSampling: the clean image as far as it got (x0 is the
+        # same in every sampler's space, so it needs no rescaling).
+        latest = [x]
+
         def on_step(i: int, n: int, latents: torch.Tensor, denoised: torch.Tensor) -> None:
             bar.update()
+            latest[0] = denoised
             if callback is not None:
                 callback(i, n, latents, denoised)
 
@@ -551,6 +561,8 @@ class KolorsPipeline:
                     x = samplers.sample(plan, denoise, x, callback=on_step, noise=noise, **extra)
                     if plan.final_scale != 1.0:  # back to the VP sample diffusers decodes (DDIM's last sigma)
                         x = x * plan.final_scale
+        except StopSampling:
+            x = latest[0]
         finally:
             bar.close()
         with self._stage(self.vae):

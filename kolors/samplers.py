@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kolors.config import ConfigError, from_dict, read_json
+from kolors.config import ConfigError, check_positive, from_dict, read_json
 from kolors.errors import KolorsError
 
 Model = Callable[[Tensor, float], Tensor]  # (x in VE space, sigma) -> denoised x0
@@ -117,6 +117,9 @@ class SchedulerConfig:
     timestep_scaling: float = 10.0
 
     def __post_init__(self) -> None:
+        check_positive(self, "num_train_timesteps", "beta_start", "beta_end")
+        if self.steps_offset < 0:
+            raise ConfigError(f"steps_offset={self.steps_offset} must be 0 or more")
         unsupported = {
             "prediction_type": (self.prediction_type, ("epsilon",)),
             "interpolation_type": (self.interpolation_type, ("linear",)),

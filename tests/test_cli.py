@@ -237,6 +237,7 @@ def test_download_prints_the_checked_snapshot(tiny_model_dir, capsys, monkeypatc
         return tiny_model_dir
 
     monkeypatch.setattr(kolors.pipeline, "resolve_model", fake_resolve)
+    monkeypatch.setattr("kolors.cli.check_hub", lambda model: None)  # the hub "answers" (no network here)
     code, out, _ = run(["download", "Kwai-Kolors/Kolors-diffusers", "--variant", "fp16"], capsys)
     assert code == 0 and out.strip() == str(tiny_model_dir)
     assert asked == {"model": "Kwai-Kolors/Kolors-diffusers", "variant": "fp16"}
@@ -309,3 +310,52 @@ def test_a_long_prompt_warning_is_one_line(tiny_model_dir, tmp_path, capsys):
     (line,) = [x for x in err.splitlines() if "tokens" in x]
     assert line.startswith("kolors: warning: prompts longer than") and "warnings.warn" not in err
     assert err.count("\n") == 1, err
+
+
+def test_no_network_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from kolors.pipeline import KolorsPipeline
+
+    def unreachable(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(KolorsPipeline, "from_pretrained", lambda *a, **k: pytest.fail("it tried the hub"))
+    for argv in (["generate", "a cat", "-o", str(tmp_path / "a.png")], ["download"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "HF_HUB_OFFLINE=1" in err and "--model PATH" in err and "Network is unreachable" in err
+
+
+@pytest.mark.parametrize(
+    ("component", "field", "value", "message"),
+    [
+        ("unet", "norm_num_groups", 7, "norm_num_groups=7 must divide every block_out_channels"),
+        ("unet", "in_channels", "three", "in_channels must be a whole number, not 'three'"),
+        ("vae", "scaling_factor", 0, "scaling_factor=0 must be greater than 0"),
+        ("vae", "block_out_channels", [32, "64"], "block_out_channels must be a list of whole numbers"),
+        ("text_encoder", "num_layers", -1, "num_layers=-1 must be greater than 0"),
+        ("text_encoder", "hidden_size", True, "hidden_size must be a whole number, not True"),
+        ("scheduler", "beta_end", "0.012", "beta_end must be a number, not '0.012'"),
+    ],
+)
+def test_a_bad_config_value_is_one_line_naming_the_file_and_field(
+    tiny_model_dir, tmp_path, capsys, component, field, value, message
+):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    path = model / component / name
+    config = json.loads(path.read_text())
+    config[field] = value
+    path.write_text(json.dumps(config))
+    args = ["generate", "a cat", "--model", str(model), "--steps", "1", "--width", "32", "--height", "32"]
+    code, _, err = run([*args, "--dtype", "float32", "--quiet", "-o", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(path) in err and message in err, err
+    assert not (tmp_path / "a.png").exists()

@@ -189,26 +189,37 @@ def test_interrupt_stops_the_running_job_and_keeps_finished_images(pipe):
             r = answer.result()
         assert r.status_code == 200, r.text
         info = json.loads(r.json()["info"])
-        assert len(r.json()["images"]) == 1 and info["all_seeds"] == [8]
+        # As AUTOMATIC1111: the running call's images as far as they got (here its last step), no more calls
+        assert len(r.json()["images"]) == 2 and info["all_seeds"] == [8, 9]
         assert gated.steps_seen == 4  # stopped: the held step was the last one the pipeline began
         assert progress(base)["state"]["job_count"] == 0
         assert post(base, "/sdapi/v1/txt2img", SMALL).status_code == 200  # the next job runs normally
 
 
-def test_interrupt_before_any_image_answers_409(pipe):
+def test_interrupt_answers_the_images_made_so_far(pipe):
+    """AUTOMATIC1111 answers an interrupted request with its images as far as they got, not an error."""
     gated = GatedPipe(pipe, hold_at=1)
     with live_server(create_app(gated, ServerConfig(**LIMITS))) as base:
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(
-                post, base, "/v1/images/generations", {"prompt": "x", "size": "32x32", "steps": 3}
+                post,
+                base,
+                "/sdapi/v1/txt2img",
+                {**SMALL, "steps": 3, "seed": 4, "batch_size": 2, "n_iter": 2},
             )
             try:
                 assert gated.holding.wait(WAIT_S)
-                httpx.post(f"{base}/sdapi/v1/interrupt", timeout=WAIT_S)
+                assert httpx.post(f"{base}/sdapi/v1/interrupt", timeout=WAIT_S).status_code == 200
             finally:
                 gated.release.set()
             r = answer.result()
-        assert r.status_code == 409 and "interrupted" in r.json()["error"]["message"]
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert len(r.json()["images"]) == 2 and info["all_seeds"] == [
+            4,
+            5,
+        ]  # the first call, after 2 of 3 steps
+        assert gated.steps_seen == 2 and gated.calls == 1
 
 
 # ------------------------------------------------------------------------------------------------ cancel
@@ -226,7 +237,7 @@ def test_a_client_that_hangs_up_cancels_its_queued_job(pipe):
                 body = json.dumps({**SMALL, "seed": 2}).encode()
                 with socket.create_connection((host, int(port)), timeout=WAIT_S) as raw:
                     raw.sendall(
-                        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         + f"Content-Length: {len(body)}\r\n\r\n".encode()
                         + body
                     )
@@ -250,7 +261,7 @@ def test_a_client_that_hangs_up_stops_its_running_job(pipe):
         try:
             with socket.create_connection((host, int(port)), timeout=WAIT_S) as raw:
                 raw.sendall(
-                    b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )

@@ -256,9 +256,8 @@ def test_progress_is_shown_while_generating_and_interrupt_stops_the_run(page):
 
     page.wait_for_function("document.querySelector('#generate-form').getAttribute('aria-busy') === 'false'")
     assert page.is_hidden("#progress-box") and page.is_disabled("#interrupt")
-    # Stopped after a few of its steps: no image was finished, and the page says so.
-    assert page.locator("#gallery li").count() == 0
-    assert "interrupted" in page.inner_text("#error").lower()
+    # Stopped after a few of its steps: as AUTOMATIC1111, the server answers the image as far as it got.
+    page.wait_for_function("document.querySelectorAll('#gallery li').length === 1")
 
 
 def test_the_api_key_is_sent_as_a_bearer_token_and_remembered(browser, pipe):
@@ -287,3 +286,54 @@ def test_the_api_key_is_sent_as_a_bearer_token_and_remembered(browser, pipe):
         page.close()
     finally:
         server.close()
+
+
+def in_viewport(page, selector: str) -> bool:
+    """The element's whole box is inside the window, without scrolling."""
+    return page.evaluate(
+        """(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
+                     return r.width > 0 && r.top >= 0 && r.left >= 0 &&
+                            r.bottom <= window.innerHeight && r.right <= window.innerWidth; }""",
+        selector,
+    )
+
+
+@pytest.mark.parametrize(("width", "height"), [(1366, 768), (1920, 960)])
+def test_generate_progress_and_errors_are_in_view_on_a_desktop(browser, server, width, height, tmp_path):
+    page = open_page(browser, server.url)
+    try:
+        page.set_viewport_size({"width": width, "height": height})
+        wait_for_samplers(page)
+        assert in_viewport(page, "#prompt") and in_viewport(page, "#generate")
+        page.fill("#prompt", PROMPT)
+        set_number(page, "#width", MAX_SIZE + 8)  # refused by the server: the error shows where Generate is
+        page.press("#prompt", "Control+Enter")
+        page.wait_for_selector("#error:not([hidden])")
+        assert in_viewport(page, "#error"), page.inner_text("#error")
+        set_number(page, "#width", 64)
+        set_number(page, "#height", 64)
+        set_number(page, "#steps", MANY_STEPS)
+        page.click("#generate")
+        page.wait_for_selector("#progress-box:not([hidden])")
+        assert in_viewport(page, "#progress-box") and in_viewport(page, "#interrupt")
+        page.screenshot(path=str(tmp_path / f"desktop-{width}.png"))
+        page.click("#interrupt")
+        page.wait_for_function(
+            "document.querySelector('#generate-form').getAttribute('aria-busy') === 'false'"
+        )
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("width", [320, 390])
+def test_no_horizontal_scroll_on_a_phone(browser, server, width, tmp_path):
+    page = open_page(browser, server.url)
+    try:
+        page.set_viewport_size({"width": width, "height": 800})
+        wait_for_samplers(page)
+        page.set_input_files("#init-image", [])  # the file field as it is before a file is chosen
+        widths = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert widths[0] <= widths[1], f"document {widths[0]} px wide in a {widths[1]} px window"
+        page.screenshot(path=str(tmp_path / f"phone-{width}.png"), full_page=True)
+    finally:
+        page.close()

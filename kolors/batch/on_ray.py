@@ -56,8 +56,10 @@ class ImageMaker:
         for chunk in batches(specs, len(specs)):
             try:
                 rows.extend(make_images(self.pipe, chunk, self.output_dir))
-            except KolorsError as e:
-                rows.extend({"file": s.file, "error": str(e)} for s in chunk)
+            except Exception as e:  # as on one machine: this chunk fails with its reason, the others go on
+                text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                reason = text if isinstance(e, KolorsError) else f"{type(e).__name__}: {text}".rstrip(": ")
+                rows.extend({"file": s.file, "error": reason} for s in chunk)
         return {"row": [json.dumps(r, ensure_ascii=False) for r in rows]}
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kolors.config import ConfigError, load_config
+from kolors.config import ConfigError, check_positive, load_config
 from kolors.models.layers import PlainLinear
 
 # The LM head (vocab x hidden, 0.5 GB in fp16) is in every checkpoint but Kolors never reads logits.
@@ -62,6 +62,17 @@ class TextEncoderConfig:
     quantization_bit: int = 0
 
     def __post_init__(self) -> None:
+        check_positive(
+            self,
+            "num_layers",
+            "padded_vocab_size",
+            "hidden_size",
+            "ffn_hidden_size",
+            "kv_channels",
+            "num_attention_heads",
+            "multi_query_group_num",
+            "layernorm_epsilon",
+        )
         unsupported = {
             "multi_query_attention": not self.multi_query_attention,
             "rmsnorm": not self.rmsnorm,

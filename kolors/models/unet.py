@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kolors.config import ConfigError
+from kolors.config import ConfigError, check_groups, check_positive
 from kolors.models.layers import (
     Conv2d,
     Linear,
@@ -97,6 +97,23 @@ class UNetConfig:
     reverse_transformer_layers_per_block: tuple | None = None
 
     def __post_init__(self) -> None:
+        check_positive(
+            self,
+            "block_out_channels",
+            "layers_per_block",
+            "attention_head_dim",
+            "cross_attention_dim",
+            "norm_num_groups",
+            "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim",
+            "encoder_hid_dim",
+            "in_channels",
+            "out_channels",
+            "sample_size",
+            "transformer_layers_per_block",
+            "norm_eps",
+        )
+        check_groups(self, "block_out_channels", "norm_num_groups")
         levels = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types"):
             if len(getattr(self, name)) != levels:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kolors.config import ConfigError
+from kolors.config import ConfigError, check_positive
 from kolors.models.layers import fast_cpu
 from kolors.noise import Generators, randn
 
@@ -44,6 +44,16 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self) -> None:
+        check_positive(
+            self,
+            "block_out_channels",
+            "layers_per_block",
+            "in_channels",
+            "out_channels",
+            "latent_channels",
+            "norm_num_groups",
+            "scaling_factor",
+        )
         levels = len(self.block_out_channels)
         for kind, types, supported in (
             ("down", self.down_block_types, "DownEncoderBlock2D"),

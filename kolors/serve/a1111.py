@@ -56,6 +56,7 @@ async def respond(request: Request, body, calls, parameters: dict) -> A1111Respo
 @router.post("/txt2img", response_model=A1111Response, responses=A1111_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
     """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string."""
+    body.refuse_unsupported(model(request).answers_to)
     calls = a1111_calls(body, config(request), model(request).native_size, loras=request.app.state.loras)
     return await respond(request, body, calls, body.model_dump())
 
@@ -64,15 +65,25 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
 async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
     """Image to image from init_images[0], resized to width x height when given, else at its own size."""
     cfg = config(request)
+    body.refuse_unsupported(model(request).answers_to)
     if body.mask:
         raise RequestError("mask", "inpainting is not supported; send init_images without a mask")
-    data = decode_base64(body.init_images[0], cfg, "init_images")
-    image = await run_in_threadpool(decode_image, data, cfg, "init_images")
-    size = None
-    if body.width is not None or body.height is not None:
-        size = (body.width or image.width - image.width % 8, body.height or image.height - image.height % 8)
-        checked_size(*size, cfg)
-    image = await run_in_threadpool(fit_init_image, image, size, cfg, "init_images")
+
+    def work():
+        # Off the event loop, a bounded number at a time; the base64 is decoded in pieces that let go of the
+        # GIL, so the loop keeps answering (/health, /progress) while large uploads decode.
+        with request.app.state.decodes:
+            data = decode_base64(body.init_images[0], cfg, "init_images")
+            image = decode_image(data, cfg, "init_images")
+            del data
+            size = None
+            if body.width is not None or body.height is not None:
+                w, h = image.size
+                size = (body.width or w - w % 8, body.height or h - h % 8)
+                checked_size(*size, cfg)
+            return fit_init_image(image, size, cfg, "init_images")
+
+    image = await run_in_threadpool(work)
     calls = a1111_calls(
         body, cfg, model(request).native_size, image, body.denoising_strength, loras=request.app.state.loras
     )

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import math
 import sys
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -73,8 +74,11 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
         **({"docs_url": None, "redoc_url": None} if DOCS_ASSETS else {}),
     )
     app.state.config, app.state.queue = config, queue
+    app.state.decodes = threading.BoundedSemaphore(config.max_decodes)  # held by threads, not the loop
     app.state.files = FileStore(config.url_ttl, int(config.url_store_mb * 2**20))
-    app.state.model = ModelInfo(pipes[0].name, pipes[0].native_size, pipes[0].label)
+    app.state.model = ModelInfo(
+        pipes[0].name, pipes[0].native_size, pipes[0].label, tuple(config.served_model_names)
+    )
     app.state.preview = pipes[0].preview
     app.state.loras = lora_files(config.lora_dir)
     add_error_handlers(app)

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from kolors.errors import KolorsError
-from kolors.pipeline import generate, lora_hashes
+from kolors.pipeline import StopSampling, generate, lora_hashes
 from kolors.request import GenerationRequest
 
 log = logging.getLogger("kolors.server")
@@ -63,7 +63,8 @@ class Job:
     call: int = 0  # which of `calls` is running
     step: int = 0  # steps done in that call
     steps: int = 0  # steps that call runs
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by /interrupt or cancelled while running
+    keep_partial: bool = False  # /interrupt: the running call decodes what it has, as AUTOMATIC1111 answers
     preview: Any = (
         None  # the latest denoised latents of the call's first image (a device tensor), for /progress
     )
@@ -104,6 +105,12 @@ class Job:
                 return
         _call(fn, self)
 
+    def describe_error(self) -> str:
+        if self.error is None:
+            return ""
+        text = str(self.error).strip().splitlines()
+        return f"{type(self.error).__name__}: {text[0]}" if text else type(self.error).__name__
+
     def _finish(self, state: JobState) -> None:
         with self._lock:
             self.state, self.finished = state, time.monotonic()
@@ -111,6 +118,19 @@ class Job:
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             _call(fn, self)
+
+
+def log_end(job: Job, seconds: float | None = None) -> None:
+    """One line per finished job on the server's logger: done, failed with its reason, or cancelled."""
+    took = f" after {seconds:.1f} s" if seconds is not None else " while queued"
+    images = f"{len(job.results)} image(s)"
+    if job.state is JobState.DONE:
+        log.info("job %s done: %s%s", job.id, images, took)
+    elif job.state is JobState.FAILED:
+        log.warning("job %s failed%s: %s", job.id, took, job.describe_error())
+    else:
+        why = "interrupted" if job.interrupted else "cancelled"
+        log.info("job %s %s%s (%s kept)", job.id, why, took, images)
 
 
 def _call(fn: Callable[[Job], None], job: Job) -> None:
@@ -182,12 +202,13 @@ class JobQueue:
             else:
                 return
         job._finish(JobState.CANCELLED)
+        log_end(job)
 
     def interrupt(self) -> int:
         """Stop the running jobs after their current step (the waiting ones go on); how many were running."""
         with self._cond:
             for job in self._running:
-                job.interrupted = True
+                job.interrupted = job.keep_partial = True
                 job._stop.set()
             return len(self._running)
 
@@ -210,6 +231,7 @@ class JobQueue:
             self._cond.notify_all()
         for job in cancelled:
             job._finish(JobState.CANCELLED)
+            log_end(job)
         for thread in self._threads:
             thread.join(timeout)
 
@@ -234,14 +256,16 @@ class JobQueue:
                     elapsed = time.monotonic() - job.started
                     self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
             job._finish(state)
+            log_end(job, elapsed)
 
     def _run(self, pipe, job: Job) -> JobState:
         def on_step(step: int, num_steps: int, latents, denoised) -> None:
-            if job._stop.is_set():
-                raise Interrupted
             job.step, job.steps = step + 1, num_steps
             if self.preview_every and (step + 1) % self.preview_every == 0:
                 job.preview = denoised[:1]  # kept on the device: read back only when a client asks
+            if job._stop.is_set():
+                # An interrupt keeps the images as far as they got (A1111's answer); a client gone needs none.
+                raise StopSampling if job.keep_partial else Interrupted
 
         try:
             for i, request in enumerate(job.calls):
@@ -250,7 +274,7 @@ class JobQueue:
                 job.call, job.step, job.steps, job.preview = i, 0, request.steps, None
                 for image, seed in generate(pipe, request, callback=on_step):
                     job.results.append((image, seed, lora_hashes(pipe, request)))
-            return JobState.DONE
+            return JobState.CANCELLED if job._stop.is_set() else JobState.DONE
         except Interrupted:
             return JobState.CANCELLED
         except KolorsError as e:

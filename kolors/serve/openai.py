@@ -1,4 +1,6 @@
-"""The OpenAI Images API (/v1): generations, edits (image to image in OpenAI's multipart form), models."""
+"""The OpenAI Images API (/v1): generations, edits (image to image in OpenAI's multipart form), variations (image
+to image with an empty prompt), models. A client may name any served name, 'kolors' or one of OpenAI's models
+(dall-e-2, dall-e-3, gpt-image-1, ...): this model answers, and says its served name in `model`."""
 
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ router = APIRouter(
 def check_model(name: str | None, request: Request) -> None:
     info = model(request)
     if name is not None and not info.answers_to(name):
-        raise RequestError("model", f"model {name!r} is not served here; use 'kolors' or {info.name!r}")
+        raise RequestError(
+            "model", f"model {name!r} is not served here; use {info.served_name!r} or 'kolors'"
+        )
 
 
 async def respond(request: Request, call: GenerationRequest, response_format) -> OpenAIImagesResponse:
@@ -46,7 +50,9 @@ async def respond(request: Request, call: GenerationRequest, response_format) ->
         else:
             data.append(OpenAIImage(b64_json=base64.b64encode(png).decode(), seed=seed))
     width, height = results[0][0].size
-    return OpenAIImagesResponse(created=int(time.time()), data=data, size=f"{width}x{height}")
+    return OpenAIImagesResponse(
+        created=int(time.time()), model=model(request).served_name, data=data, size=f"{width}x{height}"
+    )
 
 
 @router.post(
@@ -103,19 +109,11 @@ async def edits(
 ) -> OpenAIImagesResponse:
     """Image to image in OpenAI's multipart form: `image` and `prompt`, plus Kolors' fields and `strength`."""
     check_model(model_name, request)
-    cfg = config(request)
-    uploads = (image or []) + (image_list or [])
-    if not uploads:
-        raise RequestError("image", "an image file is required")
     if mask is not None:
         raise RequestError("mask", "masks (inpainting) are not supported; send only image")
-    if uploads[0].size is not None and uploads[0].size > cfg.max_upload_bytes:
-        raise RequestError("image", f"over this server's upload limit of {cfg.max_upload_mb:g} MB", 413)
-    data = await uploads[0].read(cfg.max_upload_bytes + 1)
-    init = await run_in_threadpool(decode_image, data, cfg, "image")
-    init = await run_in_threadpool(fit_init_image, init, parse_size(size, None, cfg), cfg, "image")
+    init = await read_one_image(request, (image or []) + (image_list or []), size)
     call = openai_call(
-        cfg,
+        config(request),
         prompt=prompt,
         size=init.size,
         n=n,
@@ -132,8 +130,64 @@ async def edits(
     return await respond(request, call, response_format)
 
 
+@router.post(
+    "/images/variations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    responses=OPENAI_ERRORS,
+)
+async def variations(
+    request: Request,
+    image: Annotated[
+        list[UploadFile] | None, File(description="the image to vary: PNG, JPEG or WebP")
+    ] = None,
+    model_name: Annotated[str | None, Form(alias="model")] = None,
+    n: Annotated[int, Form(ge=1)] = 1,
+    size: Annotated[str | None, Form(description="WxH to resize to; default the image's own size")] = None,
+    response_format: Annotated[Literal["b64_json", "url"] | None, Form()] = None,
+    seed: Annotated[int | None, Form(ge=-1, le=MAX_SEED, description="-1 or absent: random")] = None,
+    steps: Annotated[int | None, Form(ge=1)] = None,
+    strength: Annotated[
+        float, Form(ge=0, le=1, allow_inf_nan=False, description="how much to change")
+    ] = 0.75,
+) -> OpenAIImagesResponse:
+    """Variations of an image: image to image with an empty prompt (send a prompt to /v1/images/edits to say
+    what the variation should be)."""
+    check_model(model_name, request)
+    init = await read_one_image(request, image or [], size)
+    call = openai_call(
+        config(request), prompt="", size=init.size, n=n, seed=seed, steps=steps, image=init, strength=strength
+    )
+    return await respond(request, call, response_format)
+
+
+async def read_one_image(request: Request, uploads: list[UploadFile], size: str | None):
+    """The one uploaded image, decoded under the limits (a bounded number at a time) and fit to `size`."""
+    cfg = config(request)
+    if not uploads:
+        raise RequestError("image", "an image file is required")
+    if len(uploads) > 1:
+        raise RequestError(
+            "image", f"{len(uploads)} images were sent; kolors changes one image per request: send one"
+        )
+    if uploads[0].size is not None and uploads[0].size > cfg.max_upload_bytes:
+        raise RequestError("image", f"over this server's upload limit of {cfg.max_upload_mb:g} MB", 413)
+    target = parse_size(size, None, cfg)
+    data = await uploads[0].read(cfg.max_upload_bytes + 1)
+
+    def work():
+        with request.app.state.decodes:  # a bounded number of uploads decoded at once (memory)
+            return fit_init_image(decode_image(data, cfg, "image"), target, cfg, "image")
+
+    return await run_in_threadpool(work)
+
+
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    """The served model, in OpenAI's list shape."""
-    name = model(request).name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kolors"}]}
+    """The served model under each of its served names, in OpenAI's list shape."""
+    info = model(request)
+    names = info.served_names or (info.name,)
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kolors"} for name in names],
+    }

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kolors.errors import KolorsError
 from kolors.request import (
     A1111_NAMES,
+    DEFAULT_LIMITS,
     MAX_SEED,
     SAMPLERS,
     SCHEDULES,
@@ -33,6 +34,7 @@ from kolors.request import (
 )
 
 MAX_PROMPT_CHARS = 10_000
+BASE64_CHUNK = 1 << 16  # characters of base64 decoded at a time (64 KiB: well under a millisecond each)
 DEFAULT_STEPS = 50
 UPLOAD_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
@@ -42,20 +44,32 @@ A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
 class ServerConfig:
     api_key: str | None = None  # Bearer token every API call must carry; None: no key
     queue_size: int = 64  # jobs waiting (the running ones not counted); more answer 429
-    max_width: int = 2048
-    max_height: int = 2048
-    max_steps: int = 150
-    max_n: int = 8  # images per request
+    max_width: int = DEFAULT_LIMITS.max_width
+    max_height: int = DEFAULT_LIMITS.max_height
+    max_steps: int = DEFAULT_LIMITS.max_steps
+    max_n: int = DEFAULT_LIMITS.max_images  # images per request
     max_upload_mb: float = 20.0
     max_upload_pixels: int = 4096 * 4096  # an upload is decoded only under this many pixels
+    max_decodes: int = 2  # uploads decoded at once; more wait (each may take hundreds of MB while decoded)
     url_ttl: float = 3600.0  # seconds a response_format=url image stays downloadable
     url_store_mb: float = 512.0  # memory for those images; the oldest go first
     preview_every: int = 1  # a live preview for /sdapi/v1/progress every this many steps; 0: none
     lora_dir: str | None = None  # the LoRAs requests may name: the files in this folder, by their stem
     allowed_hosts: tuple[str, ...] = ()  # Host names answered without a key, beyond the loopback ones
+    # Names clients may ask for (vLLM's --served-model-name); the first is the one answers carry. Empty: the
+    # model's own name. OpenAI's own model names are accepted too, for clients that hard-code one.
+    served_model_names: tuple[str, ...] = ()
 
     def check(self) -> None:
-        for name in ("queue_size", "max_width", "max_height", "max_steps", "max_n", "max_upload_pixels"):
+        for name in (
+            "queue_size",
+            "max_width",
+            "max_height",
+            "max_steps",
+            "max_n",
+            "max_upload_pixels",
+            "max_decodes",
+        ):
             if getattr(self, name) < 1:
                 raise KolorsError(f"{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
@@ -121,6 +135,39 @@ class A1111Request(BaseModel):
     scheduler: str | None = Field(None, description="Automatic (the sampler's own), Karras or Exponential")
     batch_size: int = Field(1, ge=1, description="images per pipeline call")
     n_iter: int = Field(1, ge=1, description="pipeline calls, one after the other")
+    # What AUTOMATIC1111 can do and kolors cannot: refused (422 naming the field) when it would change the
+    # images, so a client never gets other images than it asked for with a 200. Cosmetic fields (save_images,
+    # send_images, do_not_save_samples, do_not_save_grid, ...) are ignored, as any unknown field.
+    enable_hr: bool = Field(False, description="hires fix: not supported, must be false")
+    restore_faces: bool | None = Field(None, description="face restoration: not supported, must be false")
+    tiling: bool | None = Field(None, description="tiling: not supported, must be false")
+    script_name: str | None = Field(None, description="scripts: not supported, must be empty")
+    alwayson_scripts: dict[str, Any] | None = Field(
+        None, description="extensions (ControlNet, ...): not supported, must be empty"
+    )
+    override_settings: dict[str, Any] | None = Field(
+        None, description="only sd_model_checkpoint is read: it must name the served model"
+    )
+
+    def refuse_unsupported(self, answers_to) -> None:
+        """A 422 naming the first field whose value would make other images than kolors can make."""
+        refused = {
+            "enable_hr": "hires fix is not supported; leave enable_hr false and ask for the size directly",
+            "restore_faces": "face restoration is not supported; leave restore_faces false",
+            "tiling": "tiling is not supported; leave tiling false",
+            "script_name": "scripts are not supported; leave script_name empty",
+            "alwayson_scripts": "extensions (ControlNet, ADetailer, ...) are not supported; send no "
+            "alwayson_scripts",
+        }
+        for name, message in refused.items():
+            if getattr(self, name):
+                raise RequestError(name, message)
+        wanted = (self.override_settings or {}).get("sd_model_checkpoint")
+        if wanted and not answers_to(str(wanted)):
+            raise RequestError(
+                "override_settings.sd_model_checkpoint",
+                f"this server serves one model and cannot load {str(wanted)!r}",
+            )
 
 
 class Txt2ImgRequest(A1111Request):
@@ -157,7 +204,10 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = Field(None, description="'kolors' or the served model's name (GET /v1/models)")
+    model: str | None = Field(
+        None,
+        description="a served name (GET /v1/models), 'kolors', or one of OpenAI's (dall-e-2, dall-e-3, ...)",
+    )
     n: int | None = Field(1, ge=1)
     size: str | None = Field(None, description="WxH, multiples of 8, or auto (the model's native size)")
     response_format: Literal["b64_json", "url"] | None = None
@@ -184,6 +234,7 @@ class OpenAIImage(BaseModel):
 
 class OpenAIImagesResponse(BaseModel):
     created: int
+    model: str | None = None  # the served name, whatever name the client asked for
     data: list[OpenAIImage]
     size: str
     output_format: str = "png"
@@ -305,10 +356,19 @@ def decode_base64(data: str, config: ServerConfig, field: str) -> bytes:
         raise RequestError(
             field, f"image is over this server's upload limit of {config.max_upload_mb:g} MB", 413
         )
+    parts, carry = [], ""
     try:
-        return base64.b64decode(re.sub(r"\s+", "", data), validate=True)
+        for start in range(0, len(data), BASE64_CHUNK):
+            piece = carry + "".join(data[start : start + BASE64_CHUNK].split())  # whitespace dropped
+            cut = len(piece) - len(piece) % 4
+            parts.append(base64.b64decode(piece[:cut], validate=True))
+            carry = piece[cut:]
+            time.sleep(0)  # let go of the GIL between pieces: the event loop's thread gets its turn
+        if carry:
+            raise ValueError("truncated")
     except (binascii.Error, ValueError):
         raise RequestError(field, "not valid base64 image data") from None
+    return b"".join(parts)
 
 
 def decode_image(data: bytes, config: ServerConfig, field: str) -> Image.Image:

@@ -28,15 +28,27 @@ log = logging.getLogger("kolors.server")
 WAIT_POLL_S = 0.5  # how often a waiting handler looks whether its client is still there
 
 
+# OpenAI's image models: clients that hard-code one (the openai SDK's examples do) are served this model.
+OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
     native_size: int  # the side the model was trained at: the default width and height
     label: str  # as images' parameters name it (KolorsPipeline.label)
+    served_names: tuple[str, ...] = ()  # --served-model-name; empty: `name`
+
+    @property
+    def served_name(self) -> str:
+        """The name answers carry and /v1/models lists first."""
+        return self.served_names[0] if self.served_names else self.name
 
     def answers_to(self, name: str) -> bool:
-        """Whether a client asking for model `name` means this one."""
-        return name.strip().lower() in {"kolors", self.name.lower()}
+        """Whether a client asking for model `name` means this one: a served name, the model's, 'kolors', or
+        one of OpenAI's (as vLLM serves a model under --served-model-name aliases)."""
+        names = {"kolors", self.name, *self.served_names, *OPENAI_MODEL_NAMES}
+        return name.strip().lower() in {n.lower() for n in names}
 
 
 class FileStore:
