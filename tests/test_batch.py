@@ -204,6 +204,7 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
         "schedule": None,
         "width": 64,
         "height": 64,
+        "loras": [],
         "model": None,
     }
     assert (yak["steps"], yak["sampler"], yak["line"]) == (2, "dpmpp-2m", 8)
