@@ -14,6 +14,7 @@ from torch import nn
 from kolors import KolorsPipeline
 from kolors.cli import main
 from kolors.errors import KolorsError
+from kolors.models.layers import PlainLinear
 from kolors.models.quant import (
     Int4Linear,
     Int8Linear,
@@ -166,7 +167,7 @@ def test_load_quantized_equals_load_then_quantize(tiny_model_dir_fp16, quant):
 
 def test_quantize_none_is_a_no_op(ours):
     assert quantize_text_encoder(ours, None) is ours
-    assert type(ours.encoder.layers[0].mlp.dense_h_to_4h) is nn.Linear
+    assert type(ours.encoder.layers[0].mlp.dense_h_to_4h) is PlainLinear  # unquantized (the LoRA seam)
 
 
 def test_bad_quant_value_names_the_choices():
