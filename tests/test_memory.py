@@ -208,6 +208,7 @@ def test_cli_low_memory_flag(monkeypatch, tmp_path):
         raise KolorsError("stop here")
 
     monkeypatch.setattr(KolorsPipeline, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(cli, "check_hub", lambda model: None)  # the hub "answers" (no network here)
     out = str(tmp_path / "x.png")
     assert cli.main(["generate", "a cat", "--low-memory", "--output", out]) == cli.EXIT_BAD_INPUT
     assert seen["memory"] == "low"
