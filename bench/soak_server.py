@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 from PIL import Image
+
+if __package__ in (None, ""):  # run as `python bench/soak_server.py`: the repo root, for tests.server_helpers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def rss_mib() -> float:
