@@ -525,6 +525,7 @@ def openai_call(
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
     prompt, chosen = take_lora_tags(prompt, loras or {})
+    sampler, schedule = resolve_sampler(sampler, schedule)
     for entry in lora_list or []:
         chosen += ((lora_file(entry.name, loras or {}, "loras"), entry.scale),)
     request = GenerationRequest(
@@ -532,8 +533,8 @@ def openai_call(
         negative_prompt=negative_prompt or "",
         steps=default_steps(steps, config),
         guidance=5.0 if guidance_scale is None else float(guidance_scale),
-        sampler=resolve_sampler(sampler, schedule)[0],
-        schedule=resolve_sampler(sampler, schedule)[1],
+        sampler=sampler,
+        schedule=schedule,
         seed=None if seed == -1 else seed,
         width=size[0],
         height=size[1],
