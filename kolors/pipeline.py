@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from kolors import samplers
+from kolors import masks, samplers
 from kolors.adapters.lora import LoraSet, lora_short_hash
 from kolors.components import load_text_encoder, load_unet, load_vae, unet_files, vae_dtype
 from kolors.config import load_config, read_json
@@ -58,6 +58,17 @@ class PromptEmbeds:
     @property
     def batch_size(self) -> int:
         return self.prompt_embeds.shape[0]
+
+
+@dataclass(frozen=True)
+class _Region:
+    """An inpainting call's picture and mask as prepared for the sampler, and what pasting back needs."""
+
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1], the output size
+    mask: torch.Tensor  # (1, 1, H, W), 1 = repaint
+    soft_mask: Image.Image  # the (blurred) mask at the original image's size
+    original: Image.Image
+    crop: tuple[int, int, int, int] | None  # padding_mask_crop's box in the original
 
 
 class StopSampling(Exception):
@@ -264,6 +275,10 @@ class KolorsPipeline:
         return self.name if quant is None else f"{self.name} (text encoder {quant})"
 
     @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
     def native_size(self) -> int:
         """The side, in pixels, the model was trained at: the default width and height."""
         return self.unet.config.sample_size * self.vae_scale_factor
@@ -420,18 +435,31 @@ class KolorsPipeline:
         seed: int | Sequence[int] | None = None,
         num_images_per_prompt: int = 1,
         image: Image.Image | str | os.PathLike | np.ndarray | torch.Tensor | list | None = None,
-        strength: float = 0.3,
+        strength: float | None = None,
         output_type: str = "pil",
         prompt_embeds: PromptEmbeds | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         cross_attention_kwargs: dict | None = None,
+        mask_image: Image.Image | str | os.PathLike | np.ndarray | None = None,
+        padding_mask_crop: int | None = None,
+        mask_blur: float = 0,
+        masked_content: str = "original",
+        paste_back: bool = False,
     ) -> KolorsPipelineOutput:
         """Generate images. `seed=` (an int, or one int per image) is a CPU generator, so a seed gives the same
         image on any device. `sampler=None` is the model folder's own scheduler (Kolors': euler), `schedule=`
         its sigmas ("karras", "exponential"; None: the sampler's default), `eta` DDIM's noise (0 to 1).
         `callback(step, num_steps, latents, denoised)` runs after each step (both in k-diffusion's space, x0 +
         sigma * noise); raising from it stops the generation. `cross_attention_kwargs={"scale": s}`: the
-        UNet's LoRA scales times s for this call, as diffusers."""
+        UNet's LoRA scales times s for this call, as diffusers.
+
+        Inpainting, as diffusers' StableDiffusionXLInpaintPipeline: `mask_image` (white = repaint, black = keep,
+        binarised at 50%) over `image`, `strength` 0.9999 by default (0.3 for image-to-image). A 9-channel UNet
+        (Kolors-Inpainting) sees the mask and the masked image; a 4-channel one gets the known region put back
+        after each step. `padding_mask_crop=N` inpaints the box around the mask (padded by N pixels) at the full
+        output size and pastes it back into the original. `mask_blur` blurs the mask first (pixels),
+        `masked_content` is A1111's ("original", "fill", "latent noise", "latent nothing"), and `paste_back`
+        composites the original over the result outside the blurred mask (off, as diffusers)."""
         extra = set(cross_attention_kwargs or {}) - {"scale"}
         if extra:
             raise KolorsError(f"cross_attention_kwargs takes only 'scale', not {', '.join(sorted(extra))}")
@@ -439,6 +467,7 @@ class KolorsPipeline:
             return self._call(
                 prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, sampler, schedule,
                 eta, generator, seed, num_images_per_prompt, image, strength, output_type, prompt_embeds, callback,
+                mask_image, padding_mask_crop, mask_blur, masked_content, paste_back,
             )  # fmt: skip
 
     def _call(
@@ -460,8 +489,23 @@ class KolorsPipeline:
         output_type,
         prompt_embeds,
         callback,
+        mask_image=None,
+        padding_mask_crop=None,
+        mask_blur=0,
+        masked_content="original",
+        paste_back=False,
     ) -> KolorsPipelineOutput:
         cfg = guidance_scale > 1.0
+        inpainting = mask_image is not None
+        if strength is None:  # diffusers' defaults: its inpaint pipeline's, and Kolors image-to-image's
+            strength = 0.9999 if inpainting else 0.3
+        in_channels = self.unet.config.in_channels
+        if inpainting and image is None:
+            raise KolorsError("mask_image was given without image=; inpainting needs the image to paint into")
+        if in_channels != self.latent_channels and not inpainting:
+            raise KolorsError(
+                f"this UNet takes {in_channels} input channels: an inpainting model; pass image= and mask_image="
+            )
         check_values(
             steps=num_inference_steps,
             guidance=guidance_scale,
@@ -470,6 +514,10 @@ class KolorsPipeline:
             strength=strength,
             num_images=num_images_per_prompt,
         )
+        if inpainting:
+            masks.check_options(padding_mask_crop, mask_blur, masked_content)
+            if (padding_mask_crop is not None or paste_back) and output_type != "pil":
+                raise KolorsError("padding_mask_crop and paste_back give PIL images; use output_type='pil'")
         if output_type not in OUTPUT_TYPES:
             raise KolorsError(
                 f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}"
@@ -503,6 +551,17 @@ class KolorsPipeline:
         if image is None:
             height, width = size_ids
             check_size(width, height, multiple=max(8, self.vae_scale_factor))
+        elif inpainting:
+            if height is not None or width is not None:
+                check_size(
+                    width or default_size, height or default_size, multiple=max(8, self.vae_scale_factor)
+                )
+            region = self._inpaint_region(
+                image, mask_image, height, width, padding_mask_crop, mask_blur, masked_content == "fill"
+            )
+            init = region.image
+            height, width = init.shape[-2:]
+            size_ids = (height, width)  # diffusers' SDXL inpainting conditions on the size it makes
         else:
             if height is not None or width is not None:
                 check_size(
@@ -516,13 +575,18 @@ class KolorsPipeline:
             plan = plan.tail(samplers.img2img_start(plan, strength))
         latent_shape = (
             batch,
-            self.unet.config.in_channels,
+            self.latent_channels,
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
+        keep, extra_channels = None, None
         if image is None:
             noise = randn(latent_shape, generator, self.device, self.dtype)
             x = noise.float() * plan.init_noise_sigma
+        elif inpainting:
+            x, keep, extra_channels, x0, mask = self._inpaint_start(
+                region, init, batch, generator, plan, strength, masked_content, latent_shape
+            )
         else:
             with self._stage(self.vae):
                 x0 = self._encode_image(init, batch, generator)
@@ -555,18 +619,23 @@ class KolorsPipeline:
                     plan.sigmas,
                     plan.timesteps,
                     size_ids,
+                    extra_channels,
                 )
                 if steps:
                     noise = self._step_noise(generator, plan.sampler)
-                    x = samplers.sample(plan, denoise, x, callback=on_step, noise=noise, **extra)
+                    x = samplers.sample(plan, denoise, x, callback=on_step, noise=noise, keep=keep, **extra)
                     if plan.final_scale != 1.0:  # back to the VP sample diffusers decodes (DDIM's last sigma)
                         x = x * plan.final_scale
+                    if keep is not None:  # the last step's blend: the known region as it was, no noise
+                        x = (1 - mask) * x0 + mask * x
         except StopSampling:
             x = latest[0]
         finally:
             bar.close()
         with self._stage(self.vae):
             images = self._decode(x, output_type)
+        if inpainting and (padding_mask_crop is not None or paste_back):
+            images = [masks.paste_back(region.soft_mask, region.original, im, region.crop) for im in images]
         return KolorsPipelineOutput(images=images, seeds=seeds)
 
     def generate(
@@ -579,10 +648,18 @@ class KolorsPipeline:
         return generate(self, request, callback)
 
     def _denoiser(
-        self, embeds: PromptEmbeds, n: int, guidance_scale: float, sigmas, timesteps, size: tuple[int, int]
+        self,
+        embeds: PromptEmbeds,
+        n: int,
+        guidance_scale: float,
+        sigmas,
+        timesteps,
+        size: tuple[int, int],
+        extra_channels: torch.Tensor | None = None,
     ):
         """The epsilon UNet as a denoiser x0(x, sigma) with classifier-free guidance: cond and uncond in one
-        batched call, as diffusers does (uncond first). A sigma is fed as diffusers' UNet timestep for it: that of
+        batched call, as diffusers does (uncond first). `extra_channels` (B, C, h, w) are appended to the scaled
+        input (an inpainting UNet's mask and masked-image latents). A sigma is fed as diffusers' UNet timestep for it: that of
         the schedule's grid point, found on the host (a cursor makes a repeated sigma, DDIM's "trailing" -1 whose
         sigma is also the first one's, the next occurrence)."""
         cfg = guidance_scale > 1.0
@@ -608,11 +685,16 @@ class KolorsPipeline:
             timesteps, dtype=torch.float32, device=self.device
         )  # one copy, no per-step sync
         grid = _SigmaGrid(sigmas[: len(timesteps)])
+        if extra_channels is not None:
+            extra_channels = extra_channels.to(self.device, self.dtype)
+            extra_channels = torch.cat([extra_channels, extra_channels]) if cfg else extra_channels
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             i = grid.index(sigma)
             x_in = (x / math.sqrt(sigma**2 + 1)).to(self.dtype)
             x_in = torch.cat([x_in, x_in]) if cfg else x_in
+            if extra_channels is not None:
+                x_in = torch.cat([x_in, extra_channels], dim=1)
             t = t_device[i].expand(x_in.shape[0])
             eps = self.unet(x_in, t, context, pooled, time_ids).float()
             if cfg:
@@ -684,10 +766,13 @@ class KolorsPipeline:
             batch = torch.nn.functional.interpolate(batch, size=(h, w))
         return batch if batch.min() < 0 else batch * 2.0 - 1.0  # [0, 1] to [-1, 1]; negatives: already there
 
-    def _encode_image(self, image: torch.Tensor, batch: int, generator) -> torch.Tensor:
+    def _encode_image(
+        self, image: torch.Tensor, batch: int, generator, repeat_first: bool = True
+    ) -> torch.Tensor:
         """Scaled VAE latents of the init images, sampled as diffusers' prepare_latents does: with a list of
         generators the images are repeated to the batch and row i drawn from generator i, else one draw for the
-        images, repeated over the batch."""
+        images, repeated over the batch. `repeat_first=False`: as its inpaint pipeline does, row i of the images
+        as given drawn from generator i, then repeated."""
         if batch % image.shape[0]:
             raise KolorsError(
                 f"{image.shape[0]} init images do not divide into {batch} images; give one or {batch}"
@@ -695,13 +780,105 @@ class KolorsPipeline:
         vae_dtype = next(self.vae.parameters()).dtype
         image = image.to(self.device, vae_dtype)
         if isinstance(generator, list) and len(generator) > 1:
-            image = image.repeat(batch // image.shape[0], 1, 1, 1)
-            rows = [sample_latent(*self.vae.encode(image[i : i + 1]), g) for i, g in enumerate(generator)]
+            image = image.repeat(batch // image.shape[0], 1, 1, 1) if repeat_first else image
+            rows = [
+                sample_latent(*self.vae.encode(image[i : i + 1]), generator[i]) for i in range(image.shape[0])
+            ]
             latents = torch.cat(rows)
         else:
             latents = sample_latent(*self.vae.encode(image), generator)
         latents = (self.vae.config.scaling_factor * latents).to(self.dtype)
         return latents.repeat(batch // latents.shape[0], 1, 1, 1)
+
+    def _inpaint_region(self, image, mask_image, height, width, pad, blur, fill: bool = False) -> _Region:
+        """The image and mask as the sampler sees them, prepared as diffusers' inpaint pipeline does: the mask
+        blurred by `blur` pixels first (at the image's size), then both cut to the crop around the mask when
+        `pad` is given ("fill" resize) or resized to the output size (Lanczos), the mask made grayscale and
+        binarised at 50%. `fill`: the masked area painted from its surroundings first (A1111's "fill")."""
+        if isinstance(image, (list, tuple)) and len(image) == 1:
+            image = image[0]
+        original = load_image(image) if isinstance(image, (str, os.PathLike)) else image
+        if not isinstance(original, Image.Image):
+            raise KolorsError(
+                f"inpainting takes one PIL image or a path to one as image=, not {type(original).__name__}"
+            )
+        mask = load_image(mask_image) if isinstance(mask_image, (str, os.PathLike)) else mask_image
+        mask = masks.as_mask(mask) if not isinstance(mask, Image.Image) else mask
+        if mask.size != original.size:  # a mask painted at another resolution covers the same picture
+            mask = mask.resize(original.size, resample=Image.LANCZOS)
+        mask = masks.blur_mask(mask, blur)
+        masks.check_mask(mask.convert("L"))
+        f = self.vae_scale_factor
+        w, h = width or original.width, height or original.height
+        w, h = w - w % f, h - h % f
+        _check_image_size(original.width, original.height, w, h, f)
+        crop = None
+        if pad is None:
+            picture = original if original.size == (w, h) else original.resize((w, h), resample=Image.LANCZOS)
+            painted = mask if mask.size == (w, h) else mask.resize((w, h), resample=Image.LANCZOS)
+        else:
+            if pad > max(original.size):
+                raise KolorsError(
+                    f"padding_mask_crop {pad} is larger than the image ({original.width}x{original.height}); "
+                    f"give at most {max(original.size)} pixels"
+                )
+            crop = masks.crop_region(mask, w, h, pad)
+            picture = masks.resize_fill(original.crop(crop), w, h)
+            painted = masks.resize_fill(mask.crop(crop), w, h)
+        binary = torch.from_numpy(np.asarray(painted.convert("L"), dtype=np.float32) / 255.0)[None, None]
+        binary = (binary >= 0.5).float()
+        picture = masks.fill_masked(picture.convert("RGB"), painted) if fill else picture
+        return _Region(self._load_image(picture, None, None), binary, mask, original.convert("RGB"), crop)
+
+    def _inpaint_start(self, region, init, batch, generator, plan, strength, masked_content, latent_shape):
+        """The starting latents and how the loop keeps to the mask, drawing from the generator(s) in diffusers'
+        order: the image's latents (a 4-channel UNet, or strength < 1), the noise, the masked image's latents
+        (drawn even for a 4-channel UNet, which does not use them, so that later draws match).
+        Returns (x, keep, extra_channels, x0, latent mask)."""
+        four = self.unet.config.in_channels == self.latent_channels
+        full = strength == 1.0  # diffusers starts from pure noise then, not from the noised image
+        h, w = latent_shape[-2:]
+        mask = torch.nn.functional.interpolate(region.mask, size=(h, w)).to(self.device)
+        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1)
+        masked = init * (region.mask < 0.5)
+        with self._stage(self.vae):
+            x0 = self._encode_image(init, batch, generator, repeat_first=False) if four or not full else None
+            noise = randn(latent_shape, generator, self.device, self.dtype)
+            if four:
+                self._skip_encode_draw(masked, generator, latent_shape)
+                masked_latents = None
+            else:
+                masked_latents = self._encode_image(masked, batch, generator, repeat_first=False)
+        if x0 is not None:
+            x0 = x0.float()
+            if masked_content == "latent noise":  # A1111's: the masked area's latents replaced by fresh noise
+                x0 = (1 - mask) * x0 + mask * randn(latent_shape, generator, self.device, self.dtype).float()
+            elif masked_content == "latent nothing":
+                x0 = (1 - mask) * x0
+        noise = noise.float()
+        if plan.steps == 0:
+            x = x0 if x0 is not None else noise * plan.init_noise_sigma
+        elif full:
+            x = noise * plan.init_noise_sigma
+        else:
+            x = samplers.add_noise(x0, noise, plan.sigmas[0])
+        if not four:
+            return x, None, torch.cat([mask.to(self.dtype), masked_latents], dim=1), x0, mask
+
+        def keep(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return (1 - mask) * samplers.add_noise(x0, noise, sigma) + mask * x
+
+        return x, keep, None, x0, mask
+
+    def _skip_encode_draw(self, images: torch.Tensor, generator, latent_shape) -> None:
+        """Draw from the generator(s) what sampling the VAE latents of `images` would draw, without encoding."""
+        dtype = next(self.vae.parameters()).dtype
+        shape = (1, *latent_shape[1:])
+        if isinstance(generator, list) and len(generator) > 1:
+            for i in range(images.shape[0]):
+                randn(shape, generator[i], "cpu", dtype)
+        else:
+            randn((images.shape[0], *latent_shape[1:]), generator, self.device, dtype)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":

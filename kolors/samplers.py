@@ -43,6 +43,10 @@ from kolors.errors import KolorsError
 Model = Callable[[Tensor, float], Tensor]  # (x in VE space, sigma) -> denoised x0
 Callback = Callable[[int, int, Tensor, Tensor], None]  # (step, num_steps, x after the step, its denoised)
 Noise = Callable[[Sequence[int]], Tensor]  # shape -> standard normal noise, drawn as diffusers draws it
+# (x at a grid sigma, sigma) -> x as the pipeline constrains it there: inpainting with a 4-channel UNet puts the
+# known region back, noised to sigma. Applied where diffusers' inpaint pipelines blend: after every step but the
+# last, and to Heun's intermediate point (which diffusers' scheduler returns as a step of its own).
+Keep = Callable[[Tensor, float], Tensor]
 
 SAMPLERS = ("euler", "euler-a", "heun", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "ddim", "lcm")
 SCHEDULES = ("karras", "exponential")
@@ -480,7 +484,12 @@ def _ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[
 
 
 def sample_euler(
-    model: Model, x: Tensor, sigmas: Sequence[float], *, callback: Callback | None = None
+    model: Model,
+    x: Tensor,
+    sigmas: Sequence[float],
+    *,
+    callback: Callback | None = None,
+    keep: Keep | None = None,
 ) -> Tensor:
     """Euler method (Karras et al. 2022, Algorithm 2 without churn)."""
     n = len(sigmas) - 1
@@ -488,6 +497,8 @@ def sample_euler(
         denoised = model(x, sigmas[i])
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -499,6 +510,7 @@ def sample_euler_ancestral(
     sigmas: Sequence[float],
     *,
     callback: Callback | None = None,
+    keep: Keep | None = None,
     noise: Noise | None = None,
 ) -> Tensor:
     """Ancestral sampling with Euler steps (k-diffusion's sample_euler_ancestral, eta = 1)."""
@@ -510,13 +522,20 @@ def sample_euler_ancestral(
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigma_down - sigmas[i])
         x = x + noise(x.shape) * sigma_up  # drawn on the last step too (sigma_up 0), as diffusers does
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
 
 
 def sample_heun(
-    model: Model, x: Tensor, sigmas: Sequence[float], *, callback: Callback | None = None
+    model: Model,
+    x: Tensor,
+    sigmas: Sequence[float],
+    *,
+    callback: Callback | None = None,
+    keep: Keep | None = None,
 ) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1): a second evaluation at sigma_next, Euler on the last step."""
     n = len(sigmas) - 1
@@ -528,8 +547,11 @@ def sample_heun(
             x = x + d * dt
         else:
             x_2 = x + d * dt
+            x_2 = x_2 if keep is None else keep(x_2, sigmas[i + 1])
             d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
             x = x + (d + d_2) / 2 * dt
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -541,6 +563,7 @@ def sample_dpmpp_2m(
     sigmas: Sequence[float],
     *,
     callback: Callback | None = None,
+    keep: Keep | None = None,
     order: int = 2,
     solver: str = "midpoint",
 ) -> Tensor:
@@ -561,6 +584,8 @@ def sample_dpmpp_2m(
                 c = -0.5 * math.expm1(-h) if solver == "midpoint" else math.expm1(-h) / h + 1
                 x = x + c / r * (denoised - old_denoised)
         old_denoised = denoised
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -572,6 +597,7 @@ def sample_dpmpp_2m_sde(
     sigmas: Sequence[float],
     *,
     callback: Callback | None = None,
+    keep: Keep | None = None,
     noise: Noise | None = None,
     order: int = 2,
     solver: str = "midpoint",
@@ -596,6 +622,8 @@ def sample_dpmpp_2m_sde(
                 c = 0.5 * gain if solver == "midpoint" else gain / (-2 * h) + 1
                 x = x + c / r * (denoised - old_denoised)
         old_denoised = denoised
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -631,6 +659,7 @@ def sample_unipc(
     sigmas: Sequence[float],
     *,
     callback: Callback | None = None,
+    keep: Keep | None = None,
     order: int = 2,
     solver: str = "bh2",
 ) -> Tensor:
@@ -663,6 +692,8 @@ def sample_unipc(
         x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised
         for k in range(1, this_order):
             x = x - b_h * rhos[k - 1] / rks[k - 1] * (history[-(k + 1)] - denoised)
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -674,6 +705,7 @@ def sample_ddim(
     sigmas: Sequence[float],
     *,
     callback: Callback | None = None,
+    keep: Keep | None = None,
     noise: Noise | None = None,
     eta: float = 0.0,
     targets: Sequence[float] | None = None,
@@ -692,6 +724,8 @@ def sample_ddim(
             x = x + noise(x.shape) * sigma_up
         if target != sigmas[i + 1]:
             x = x * math.sqrt((sigmas[i + 1] ** 2 + 1) / (target**2 + 1))
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -703,6 +737,7 @@ def sample_lcm(
     sigmas: Sequence[float],
     *,
     callback: Callback | None = None,
+    keep: Keep | None = None,
     noise: Noise | None = None,
     skips: Sequence[tuple[float, float]] | None = None,
 ) -> Tensor:
@@ -718,6 +753,8 @@ def sample_lcm(
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + noise(x.shape) * sigmas[i + 1]
+        if keep is not None and i < n - 1:
+            x = keep(x, sigmas[i + 1])
         if callback is not None:
             callback(i, n, x, denoised)
     return x
@@ -744,6 +781,7 @@ def sample(
     *,
     callback: Callback | None = None,
     noise: Noise | None = None,
+    keep: Keep | None = None,
     **options,
 ) -> Tensor:
     """Run a sampler from x at sigmas[0] down to sigmas[-1]: the denoised latents (in VE space). Given a
@@ -754,7 +792,7 @@ def sample(
     check_sampler(sampler)
     if sampler in STOCHASTIC:
         options["noise"] = noise
-    return SAMPLE_FUNCTIONS[sampler](model, x, list(sigmas), callback=callback, **options)
+    return SAMPLE_FUNCTIONS[sampler](model, x, list(sigmas), callback=callback, keep=keep, **options)
 
 
 # ------------------------------------------------------------------------------------------- img2img
