@@ -9,8 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["KolorsError", "KolorsPipeline", "KolorsPipelineOutput", "PromptEmbeds"]
+__all__ = [
+    "KolorsError",
+    "KolorsPipeline",
+    "KolorsPipelineOutput",
+    "PromptEmbeds",
+    "blur_mask",
+    "grow_mask",
+    "invert_mask",
+    "outpaint_canvas",
+]
 _WHERE = {
+    "blur_mask": "kolors.masks",
+    "grow_mask": "kolors.masks",
+    "invert_mask": "kolors.masks",
+    "outpaint_canvas": "kolors.masks",
     "KolorsError": "kolors.errors",
     "KolorsPipeline": "kolors.pipeline",
     "KolorsPipelineOutput": "kolors.pipeline",
@@ -19,6 +32,7 @@ _WHERE = {
 
 if TYPE_CHECKING:
     from kolors.errors import KolorsError
+    from kolors.masks import blur_mask, grow_mask, invert_mask, outpaint_canvas
     from kolors.pipeline import KolorsPipeline, KolorsPipelineOutput, PromptEmbeds
 
 

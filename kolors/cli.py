@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kolors.errors import KolorsError
 from kolors.pipeline import DEFAULT_REPO
+from kolors.request import MASKED_CONTENT
 
 EXIT_BAD_INPUT = 2
 
@@ -122,7 +123,38 @@ def add_generation_options(p: argparse.ArgumentParser, *, batch: bool = False) -
         return
     p.add_argument("--image", default=None, help="init image for image-to-image")
     p.add_argument(
-        "--strength", type=float, default=None, help="image-to-image: how much to change (0..1, default 0.3)"
+        "--strength",
+        type=float,
+        default=None,
+        help="image-to-image: how much to change (0..1, default 0.3; with a mask 0.9999)",
+    )
+    p.add_argument("--mask", default=None, help="inpaint: white = repaint, black = keep (needs --image)")
+    p.add_argument(
+        "--outpaint",
+        default=None,
+        metavar="L,R,T,B",
+        help="extend --image by these pixels left, right, top, bottom and paint the new border",
+    )
+    p.add_argument("--mask-blur", type=float, default=4.0, help="blur the mask's edge, pixels (default 4)")
+    p.add_argument("--mask-invert", action="store_true", help="repaint the black area instead")
+    p.add_argument(
+        "--masked-content",
+        default="original",
+        choices=MASKED_CONTENT,
+        help="what the sampler starts from under the mask (A1111's; default original)",
+    )
+    p.add_argument(
+        "--inpaint-padding",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="inpaint only the box around the mask, padded by PX, at full size (A1111's 'only masked')",
+    )
+    p.add_argument(
+        "--no-paste-back",
+        dest="paste_back",
+        action="store_false",
+        help="keep the model's pixels outside the mask too (default: the original is pasted back there)",
     )
 
 
@@ -355,16 +387,26 @@ def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
 def generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from kolors.pipeline import KolorsPipeline, load_image, lora_hashes
+    from kolors.pipeline import KolorsPipeline, load_image, lora_hashes, outpaint_canvas
     from kolors.request import GenerationRequest, check_size, save_png
 
     image = load_image(args.image) if args.image else None
+    if (args.mask or args.outpaint) and image is None:
+        raise KolorsError(
+            f"{'--mask' if args.mask else '--outpaint'} needs --image, the picture to paint into"
+        )
+    if args.mask and args.outpaint:
+        raise KolorsError("--outpaint makes its own mask; give --mask or --outpaint, not both")
+    mask = load_image(args.mask) if args.mask else None
+    if args.outpaint:
+        image, mask = outpaint_canvas(image, *parse_outpaint(args.outpaint))
     if image is not None and (args.width or args.height):
         # As the server does: the image is resized to the size asked for (a missing side keeps the image's,
         # rounded down to 8), and the pipeline is given the image alone, so no size changes its conditioning.
         size = (args.width or image.width - image.width % 8, args.height or image.height - image.height % 8)
         check_size(*size)
         image = image.convert("RGB").resize(size, resample=Image.LANCZOS)
+    strength = args.strength if args.strength is not None else 0.9999 if mask is not None else 0.3
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -377,8 +419,14 @@ def generate(args: argparse.Namespace) -> int:
         height=args.height or 1024,
         num_images=args.num_images,
         image=image,
-        strength=0.3 if args.strength is None else args.strength,
+        strength=strength,
         loras=tuple(args.lora),
+        mask=mask,
+        mask_blur=args.mask_blur,
+        mask_invert=args.mask_invert,
+        masked_content=args.masked_content,
+        inpaint_padding=args.inpaint_padding,
+        paste_back=args.paste_back,
     )
     request = request.validate().with_seed()
     seed = request.seed
@@ -406,6 +454,16 @@ def generate(args: argparse.Namespace) -> int:
         save_png(img, path, request.infotext(img_seed, pipe.label, size=img.size))
         print(f"{path}  (seed {img_seed})")
     return 0
+
+
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    try:
+        sides = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) != 4 or min(sides) < 0:
+        raise KolorsError(f"--outpaint takes four pixel counts >= 0, L,R,T,B (like 0,256,0,0), not {text!r}")
+    return sides
 
 
 def serve(args: argparse.Namespace) -> int:

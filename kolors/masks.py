@@ -221,15 +221,21 @@ def _box_mask(size: tuple[int, int], keep: tuple[int, int, int, int]) -> Image.I
 
 
 def check_options(padding_mask_crop, mask_blur, masked_content) -> None:
-    if padding_mask_crop is not None and (
-        not isinstance(padding_mask_crop, int) or isinstance(padding_mask_crop, bool) or padding_mask_crop < 0
-    ):
-        raise KolorsError(
-            f"padding_mask_crop must be a whole number of pixels >= 0, not {padding_mask_crop!r}"
-        )
-    if not isinstance(mask_blur, (int, float)) or isinstance(mask_blur, bool) or not 0 <= mask_blur <= 256:
-        raise KolorsError(f"mask_blur must be a number of pixels from 0 to 256, not {mask_blur!r}")
-    if masked_content not in MASKED_CONTENT:
-        raise KolorsError(
-            f"unknown masked_content {masked_content!r}; choose one of: {', '.join(MASKED_CONTENT)}"
-        )
+    check_padding(padding_mask_crop)
+    check_blur(mask_blur)
+    check_content(masked_content)
+
+
+def check_padding(value, name: str = "padding_mask_crop") -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise KolorsError(f"{name} must be a whole number of pixels >= 0, not {value!r}")
+
+
+def check_blur(value, name: str = "mask_blur") -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 256:
+        raise KolorsError(f"{name} must be a number of pixels from 0 to 256, not {value!r}")
+
+
+def check_content(value, name: str = "masked_content") -> None:
+    if value not in MASKED_CONTENT:
+        raise KolorsError(f"unknown {name} {value!r}; choose one of: {', '.join(MASKED_CONTENT)}")

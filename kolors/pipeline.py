@@ -39,6 +39,8 @@ from kolors.request import GenerationRequest, check_seed, check_size, check_valu
 from kolors.weights import DEFAULT_REPO, Checkpoint, check_model_folder, on_device, resolve_model
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+# For the faces, which reach the engine through this module.
+outpaint_canvas, as_mask = masks.outpaint_canvas, masks.as_mask
 
 
 @dataclass(frozen=True)
@@ -914,8 +916,22 @@ def generate(
         image=request.image,
         strength=request.strength,
         callback=callback,
+        **inpainting(request),
     )
     return list(zip(out.images, out.seeds, strict=True))
+
+
+def inpainting(request: GenerationRequest) -> dict:
+    """The pipeline's inpainting arguments for `request` (none without a mask)."""
+    if request.mask is None:
+        return {}
+    return dict(
+        mask_image=masks.invert_mask(request.mask) if request.mask_invert else request.mask,
+        padding_mask_crop=request.inpaint_padding,
+        mask_blur=request.mask_blur,
+        masked_content=request.masked_content,
+        paste_back=request.paste_back,
+    )
 
 
 def lora_hashes(pipe: KolorsPipeline, request: GenerationRequest) -> GenerationRequest:

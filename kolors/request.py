@@ -23,12 +23,13 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from kolors import samplers
+from kolors import masks, samplers
 from kolors.errors import KolorsError
 
 MAX_SEED = 2**32 - 1
 # The names a request may ask for, here so that the faces need not import samplers.
 SAMPLERS, SCHEDULES, A1111_NAMES = samplers.SAMPLERS, samplers.SCHEDULES, samplers.A1111_NAMES
+MASKED_CONTENT = masks.MASKED_CONTENT  # A1111's inpainting_fill 0..3
 
 
 class InvalidRequest(KolorsError):
@@ -71,6 +72,15 @@ class GenerationRequest:
     loras: tuple[
         tuple[str, float], ...
     ] = ()  # (LoRA file or loaded adapter name, scale), applied to this request
+    # Inpainting: `mask` over `image`, white = repaint (kolors.masks), with AUTOMATIC1111's options. The mask is
+    # blurred `mask_blur` pixels, the original pasted back outside it; `inpaint_padding`: inpaint only the box
+    # around the mask, padded so, at full size (A1111's "only masked", diffusers' padding_mask_crop).
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)
+    mask_blur: float = 4.0
+    mask_invert: bool = False
+    masked_content: str = "original"  # or "fill", "latent noise", "latent nothing"
+    inpaint_padding: int | None = None
+    paste_back: bool = True
     # (name, A1111 short hash) of each LoRA, filled in once the LoRAs are loaded: the image's `Lora hashes`
     lora_hashes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
@@ -88,6 +98,7 @@ class GenerationRequest:
         )
         check_seed(self.seed, self.num_images)
         check_loras(self.loras)
+        check_inpaint(self)
         return self
 
     def with_seed(self) -> GenerationRequest:
@@ -115,6 +126,13 @@ class GenerationRequest:
         ]
         if self.image is not None:
             fields.append(f"Denoising strength: {self.strength}")
+        if self.mask is not None:  # A1111's names and values for its inpaint settings
+            fields.append(f"Mask blur: {self.mask_blur:g}")
+            if self.mask_invert:
+                fields.append("Mask mode: Inpaint not masked")
+            fields.append(f"Masked content: {self.masked_content}")
+            if self.inpaint_padding is not None:
+                fields += ["Inpaint area: Only masked", f"Masked area padding: {self.inpaint_padding}"]
         if self.lora_hashes:
             fields.append(
                 f'Lora hashes: "{", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)}"'
@@ -124,8 +142,8 @@ class GenerationRequest:
         return f"{self.prompt}{tags}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
 
     def as_dict(self) -> dict:
-        """The fields as plain data (the init image and the LoRAs' hashes left out)."""
-        return {name: getattr(self, name) for name in FIELDS if name != "image"}
+        """The fields as plain data (the init image, the mask and the LoRAs' hashes left out)."""
+        return {name: getattr(self, name) for name in FIELDS if name not in ("image", "mask")}
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "lora_hashes")
@@ -150,6 +168,22 @@ def check_loras(loras) -> None:
             raise InvalidRequest(
                 "loras", f"LoRA '{entry[0]}' scale must be a finite number >= 0, not {scale!r}"
             )
+
+
+def check_inpaint(request: GenerationRequest) -> None:
+    if request.mask is None:
+        return
+    if request.image is None:
+        raise InvalidRequest("mask", "a mask needs the image it covers; send the image too")
+    for name, check in (
+        ("inpaint_padding", masks.check_padding),
+        ("mask_blur", masks.check_blur),
+        ("masked_content", masks.check_content),
+    ):
+        try:
+            check(getattr(request, name), name)
+        except KolorsError as e:
+            raise InvalidRequest(name, str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------- checks

@@ -272,3 +272,69 @@ def test_grow_and_invert():
     area = lambda m: int((np.asarray(m) > 127).sum())  # noqa: E731
     assert area(grown) == 38 * 38 and area(shrunk) == 26 * 26
     assert area(masks.invert_mask(mask)) == 64 * 64 - 32 * 32
+
+
+# ------------------------------------------------------------------------------------------ faces: CLI
+
+
+def cli(tiny_model_dir, tmp_path, *extra):
+    from kolors.cli import main
+
+    init = tmp_path / "photo.png"
+    init_image(64, 48).save(init)
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "5"]
+    args += ["--dtype", "float32", "--image", str(init), "--output", str(out), "--quiet", *extra]
+    return main(args), out
+
+
+def test_cli_inpaints_with_a_mask_and_records_it(tiny_model_dir, tmp_path, capsys):
+    from kolors.request import read_parameters
+
+    mask = tmp_path / "mask.png"
+    box_mask(64, 48, (8, 8, 40, 40)).save(mask)
+    code, out = cli(
+        tiny_model_dir, tmp_path, "--mask", str(mask), "--mask-blur", "2", "--inpaint-padding", "4"
+    )
+    assert code == 0
+    params = read_parameters(out)
+    for field in (
+        "Denoising strength: 0.9999",
+        "Mask blur: 2",
+        "Masked content: original",
+        "Masked area padding: 4",
+    ):
+        assert field in params
+    result, original = np.asarray(Image.open(out), dtype=int), np.asarray(init_image(64, 48), dtype=int)
+    assert np.array_equal(result[:, 48:], original[:, 48:])  # far from the mask: pasted back exactly
+    assert not np.array_equal(result[10:38, 10:38], original[10:38, 10:38])
+
+
+def test_cli_outpaints(tiny_model_dir, tmp_path, capsys):
+    code, out = cli(tiny_model_dir, tmp_path, "--outpaint", "0,16,8,0")
+    assert code == 0 and Image.open(out).size == (80, 56)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--outpaint", "1,2"], "four pixel counts"),
+        (["--outpaint", "0,-8,0,0"], "four pixel counts"),
+        (["--mask", "/nonexistent.png"], "not found"),
+        (["--masked-content", "fill", "--mask-blur", "-1", "--mask", "MASK"], "mask_blur"),
+    ],
+)
+def test_cli_bad_inpaint_options_exit_2(tiny_model_dir, tmp_path, capsys, extra, message):
+    mask = tmp_path / "m.png"
+    box_mask(64, 48).save(mask)
+    code, out = cli(tiny_model_dir, tmp_path, *[str(mask) if e == "MASK" else e for e in extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_mask_without_image_exit_2(tiny_model_dir, tmp_path, capsys):
+    from kolors.cli import main
+
+    code = main(["generate", "a cat", "--model", str(tiny_model_dir), "--mask", "m.png"])
+    assert code == 2 and "needs --image" in capsys.readouterr().err
