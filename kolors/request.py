@@ -175,6 +175,10 @@ def check_inpaint(request: GenerationRequest) -> None:
         return
     if request.image is None:
         raise InvalidRequest("mask", "a mask needs the image it covers; send the image too")
+    try:
+        masks.check_mask(request.mask.convert("L"))
+    except KolorsError as e:
+        raise InvalidRequest("mask", str(e)) from None
     for name, check in (
         ("inpaint_padding", masks.check_padding),
         ("mask_blur", masks.check_blur),

@@ -338,3 +338,90 @@ def test_cli_mask_without_image_exit_2(tiny_model_dir, tmp_path, capsys):
 
     code = main(["generate", "a cat", "--model", str(tiny_model_dir), "--mask", "m.png"])
     assert code == 2 and "needs --image" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ faces: server
+
+
+def png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from kolors.serve import ServerConfig, create_app
+
+    with TestClient(create_app(pipe, ServerConfig(max_steps=4)), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def test_a1111_img2img_inpaints_with_a1111s_fields(client):
+    import base64
+    import json
+
+    from tests.server_helpers import decode_png
+
+    b64 = lambda im: base64.b64encode(png(im)).decode()  # noqa: E731
+    body = {
+        "prompt": "a cat",
+        "steps": 2,
+        "seed": 4,
+        "init_images": [b64(init_image())],
+        "mask": b64(box_mask(128, 128, (32, 16, 96, 80))),  # another size: resized to the image
+        "denoising_strength": 0.9,
+        "inpainting_fill": 1,
+        "inpaint_full_res": False,
+        "mask_blur": 0,
+    }
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["images"][0])
+    params = image.text["parameters"]
+    assert (
+        "Denoising strength: 0.9" in params
+        and "Mask blur: 0" in params
+        and "Masked content: original" in params
+    )
+    assert "Inpaint area" not in params
+    kept = np.asarray(masks.grow_mask(box_mask(), 4)) == 0  # beyond the resized mask's Lanczos ringing
+    assert np.array_equal(np.asarray(image)[kept], np.asarray(init_image())[kept])  # pasted back, as A1111
+    # A1111's defaults: fill, only masked (padding 0), blur 4.
+    r = client.post(
+        "/sdapi/v1/img2img",
+        json={k: v for k, v in body.items() if k in ("prompt", "steps", "init_images", "mask")},
+    )
+    params = decode_png(r.json()["images"][0]).text["parameters"]
+    assert (
+        "Masked content: fill" in params
+        and "Inpaint area: Only masked" in params
+        and "Mask blur: 4" in params
+    )
+    assert json.loads(r.json()["info"])["denoising_strength"] == 0.75
+
+
+def test_openai_edits_inpaint_where_the_mask_is_transparent(client):
+    from tests.server_helpers import decode_png
+
+    alpha = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    alpha.paste((0, 0, 0, 0), (16, 8, 48, 40))  # transparent: edit here
+    files = {
+        "image": ("photo.png", png(init_image()), "image/png"),
+        "mask": ("mask.png", png(alpha), "image/png"),
+    }
+    r = client.post(
+        "/v1/images/edits", files=files, data={"prompt": "a hat", "steps": "2", "seed": "1", "mask_blur": "0"}
+    )
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["data"][0]["b64_json"])
+    assert "Denoising strength: 0.9999" in image.text["parameters"]
+    result, original = np.asarray(image, dtype=int), np.asarray(init_image(), dtype=int)
+    kept = np.asarray(box_mask()) == 0
+    assert np.array_equal(result[kept], original[kept])
+    assert np.abs(result[~kept] - original[~kept]).mean() > 5

@@ -408,7 +408,9 @@ def test_img2img_bad_images(client):
         ({"init_images": ["###"]}, 422, "init_images"),
         ({"init_images": [base64.b64encode(b"GIF89a but not really").decode()]}, 422, "init_images"),
         ({"init_images": ["data:image/png,abc"]}, 422, "init_images"),
-        ({"init_images": [good], "mask": good}, 422, "mask"),
+        ({"init_images": [good], "mask": "###"}, 422, "mask"),
+        ({"init_images": [good], "mask": png_b64(Image.new("L", (32, 32), 128))}, 422, "mask"),  # all grey
+        ({"init_images": [good], "mask": good, "inpainting_fill": 4}, 422, "inpainting_fill"),
         ({"init_images": [good], "denoising_strength": 1.5}, 422, "denoising_strength"),
         ({"init_images": [good], "width": 30}, 422, "width"),
         ({"init_images": [png_b64(noise_image(4, 4))]}, 422, "init_images"),  # too small
@@ -464,10 +466,18 @@ def test_openai_edits_bad_input(client):
     png = io.BytesIO()
     noise_image(32, 32).save(png, format="PNG")
     image = {"image": ("a.png", png.getvalue(), "image/png")}
+    small_mask = io.BytesIO()
+    Image.new("RGBA", (16, 16)).save(small_mask, format="PNG")  # not the image's size
     cases = [
         ({}, {"prompt": "x"}, "image"),
         ({"image": ("a.png", b"not an image", "image/png")}, {"prompt": "x"}, "image"),
-        ({**image, "mask": ("m.png", png.getvalue(), "image/png")}, {"prompt": "x"}, "mask"),
+        ({**image, "mask": ("m.png", small_mask.getvalue(), "image/png")}, {"prompt": "x"}, "mask"),
+        ({**image, "mask": ("m.png", b"no", "image/png")}, {"prompt": "x"}, "mask"),
+        (
+            {**image, "mask": ("m.png", png.getvalue(), "image/png")},
+            {"prompt": "x", "masked_content": "x"},
+            "masked_content",
+        ),
         (image, {}, "prompt"),
         (image, {"prompt": "x", "n": "0"}, "n"),
         (image, {"prompt": "x", "strength": "2"}, "strength"),

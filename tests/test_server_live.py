@@ -10,6 +10,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -73,6 +74,21 @@ def test_the_openai_client_gets_images(pipe):
             extra_body={"steps": 2, "strength": 0.5, "seed": 3},
         )
         assert decode_png(edited.data[0].b64_json).size == (40, 24)
+
+        mask = io.BytesIO()
+        alpha = Image.new("RGBA", (40, 24), (0, 0, 0, 255))
+        alpha.paste((0, 0, 0, 0), (8, 0, 24, 16))  # OpenAI's convention: transparent = edit here
+        alpha.save(mask, format="PNG")
+        init.seek(0)
+        mask.seek(0)
+        inpainted = client.images.edit(
+            image=("red.png", init, "image/png"),
+            mask=("mask.png", mask, "image/png"),
+            prompt="a window",
+            extra_body={"steps": 2, "seed": 3, "mask_blur": 0},
+        )
+        pixels = np.asarray(decode_png(inpainted.data[0].b64_json))
+        assert (pixels[20:, 30:] == (200, 30, 30)).all()  # outside the mask: the original, pasted back
 
         with pytest.raises(openai.BadRequestError, match="size"):
             client.images.generate(prompt="x", size="33x33", extra_body={"steps": 1})

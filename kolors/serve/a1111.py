@@ -26,6 +26,7 @@ from kolors.serve.schemas import (
     checked_size,
     decode_base64,
     decode_image,
+    decode_mask,
     fit_init_image,
     lora_files,
 )
@@ -63,11 +64,10 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
 
 @router.post("/img2img", response_model=A1111Response, responses=A1111_ERRORS)
 async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
-    """Image to image from init_images[0], resized to width x height when given, else at its own size."""
+    """Image to image from init_images[0], resized to width x height when given, else at its own size; with
+    `mask`, inpainting (the mask resized to the image), A1111's inpaint fields and defaults."""
     cfg = config(request)
     body.refuse_unsupported(model(request).answers_to)
-    if body.mask:
-        raise RequestError("mask", "inpainting is not supported; send init_images without a mask")
 
     def work():
         # Off the event loop, a bounded number at a time; the base64 is decoded in pieces that let go of the
@@ -81,11 +81,23 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
                 w, h = image.size
                 size = (body.width or w - w % 8, body.height or h - h % 8)
                 checked_size(*size, cfg)
-            return fit_init_image(image, size, cfg, "init_images")
+            image = fit_init_image(image, size, cfg, "init_images")
+            mask = None
+            if body.mask:
+                mask = decode_mask(
+                    decode_base64(body.mask, cfg, "mask"), cfg, "mask", transparent_edits=False
+                )
+            return image, mask
 
-    image = await run_in_threadpool(work)
+    image, mask = await run_in_threadpool(work)
     calls = a1111_calls(
-        body, cfg, model(request).native_size, image, body.denoising_strength, loras=request.app.state.loras
+        body,
+        cfg,
+        model(request).native_size,
+        image,
+        body.denoising_strength,
+        loras=request.app.state.loras,
+        mask=mask,
     )
     parameters = body.model_dump()
     if not body.include_init_images:

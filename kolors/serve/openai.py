@@ -5,13 +5,15 @@ to image with an empty prompt), models. A client may name any served name, 'kolo
 from __future__ import annotations
 
 import base64
+import io
 import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from kolors.request import MAX_SEED, GenerationRequest
+from kolors.request import MASKED_CONTENT, MAX_SEED, GenerationRequest
 from kolors.serve.http import OPENAI_ERRORS, error_docs, require_key
 from kolors.serve.schemas import (
     MAX_PROMPT_CHARS,
@@ -21,6 +23,7 @@ from kolors.serve.schemas import (
     OpenAIImagesResponse,
     RequestError,
     decode_image,
+    decode_mask,
     fit_init_image,
     openai_call,
     parse_size,
@@ -92,7 +95,13 @@ async def edits(
         list[UploadFile] | None, File(description="the image to change: PNG, JPEG or WebP")
     ] = None,
     image_list: Annotated[list[UploadFile] | None, File(alias="image[]", description="as image")] = None,
-    mask: Annotated[UploadFile | None, File(description="not supported: leave it out")] = None,
+    mask: Annotated[
+        UploadFile | None,
+        File(
+            description="inpaint: a PNG whose fully transparent pixels mark where to edit, the image's size "
+            "(OpenAI's convention); without transparency, white marks it"
+        ),
+    ] = None,
     model_name: Annotated[str | None, Form(alias="model")] = None,
     n: Annotated[int, Form(ge=1)] = 1,
     size: Annotated[str | None, Form(description="WxH to resize to; default the image's own size")] = None,
@@ -104,14 +113,36 @@ async def edits(
     sampler: Annotated[str | None, Form()] = None,
     schedule: Annotated[str | None, Form(description="karras or exponential")] = None,
     strength: Annotated[
-        float, Form(ge=0, le=1, allow_inf_nan=False, description="how much to change")
-    ] = 0.75,
+        float | None,
+        Form(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="how much to change (default 0.75; 0.9999 with a mask)",
+        ),
+    ] = None,
+    mask_blur: Annotated[float, Form(ge=0, le=256, description="pixels")] = 4.0,
+    masked_content: Annotated[Literal[MASKED_CONTENT], Form()] = "original",
+    inpaint_padding: Annotated[
+        int | None, Form(ge=0, description="inpaint only the box around the mask, padded so, at full size")
+    ] = None,
+    paste_back: Annotated[bool, Form(description="the original outside the mask, exactly")] = True,
 ) -> OpenAIImagesResponse:
-    """Image to image in OpenAI's multipart form: `image` and `prompt`, plus Kolors' fields and `strength`."""
+    """Image to image in OpenAI's multipart form: `image` and `prompt`, plus Kolors' fields and `strength`;
+    with `mask`, inpainting."""
     check_model(model_name, request)
+    uploads = (image or []) + (image_list or [])
+    init = await read_one_image(request, uploads, size)
+    inpaint = {}
     if mask is not None:
-        raise RequestError("mask", "masks (inpainting) are not supported; send only image")
-    init = await read_one_image(request, (image or []) + (image_list or []), size)
+        inpaint = dict(
+            mask=await read_mask(request, mask, uploads[0], init.size),
+            mask_blur=mask_blur,
+            masked_content=masked_content,
+            inpaint_padding=inpaint_padding,
+            paste_back=paste_back,
+        )
+    strength = strength if strength is not None else 0.9999 if mask is not None else 0.75
     call = openai_call(
         config(request),
         prompt=prompt,
@@ -126,6 +157,7 @@ async def edits(
         image=init,
         strength=strength,
         loras=request.app.state.loras,
+        **inpaint,
     )
     return await respond(request, call, response_format)
 
@@ -178,6 +210,32 @@ async def read_one_image(request: Request, uploads: list[UploadFile], size: str 
     def work():
         with request.app.state.decodes:  # a bounded number of uploads decoded at once (memory)
             return fit_init_image(decode_image(data, cfg, "image"), target, cfg, "image")
+
+    return await run_in_threadpool(work)
+
+
+async def read_mask(request: Request, upload: UploadFile, image: UploadFile, size: tuple[int, int]):
+    """The uploaded mask (OpenAI's: transparent = edit) as grayscale at the fitted image's `size`; it must have
+    the uploaded image's dimensions, as OpenAI requires."""
+    cfg = config(request)
+    if upload.size is not None and upload.size > cfg.max_upload_bytes:
+        raise RequestError("mask", f"over this server's upload limit of {cfg.max_upload_mb:g} MB", 413)
+    data = await upload.read(cfg.max_upload_bytes + 1)
+    await image.seek(0)
+    image_data = await image.read(cfg.max_upload_bytes + 1)
+
+    def work():
+        with request.app.state.decodes:
+            mask = decode_mask(data, cfg, "mask", transparent_edits=True)
+            with Image.open(io.BytesIO(image_data)) as im:  # the header only: the size as uploaded
+                uploaded = im.size
+        if mask.size != uploaded:
+            raise RequestError(
+                "mask",
+                f"mask is {mask.width}x{mask.height} but the image is {uploaded[0]}x{uploaded[1]}; "
+                "send a mask of the image's size",
+            )
+        return mask if mask.size == size else mask.resize(size, resample=Image.LANCZOS)
 
     return await run_in_threadpool(work)
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from kolors.errors import KolorsError
 from kolors.request import (
     A1111_NAMES,
     DEFAULT_LIMITS,
+    MASKED_CONTENT,
     MAX_SEED,
     SAMPLERS,
     SCHEDULES,
@@ -182,7 +183,16 @@ class Img2ImgRequest(A1111Request):
         min_length=1, description="base64 PNG/JPEG/WebP, with or without a data: prefix; the first is used"
     )
     denoising_strength: float = Field(0.75, ge=0, le=1)
-    mask: str | None = Field(None, description="inpainting is not supported: must be empty")
+    mask: str | None = Field(
+        None, description="inpainting: base64 mask, white (or opaque) = repaint, resized to the image"
+    )
+    mask_blur: float = Field(4, ge=0, le=256, description="pixels")
+    inpainting_fill: int = Field(
+        0, ge=0, le=3, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing"
+    )
+    inpaint_full_res: bool = Field(True, description="inpaint only the masked area, at full resolution")
+    inpaint_full_res_padding: int = Field(0, ge=0, description="pixels around the masked area")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: repaint what the mask leaves black")
     include_init_images: bool = False
 
 
@@ -371,8 +381,9 @@ def decode_base64(data: str, config: ServerConfig, field: str) -> bytes:
     return b"".join(parts)
 
 
-def decode_image(data: bytes, config: ServerConfig, field: str) -> Image.Image:
-    """Decode an uploaded image under the size limits: bytes first, then pixels from the header before the decode."""
+def decode_image(data: bytes, config: ServerConfig, field: str, mode: str | None = "RGB") -> Image.Image:
+    """Decode an uploaded image under the size limits: bytes first, then pixels from the header before the decode.
+    `mode=None` keeps the image's own bands (a mask's alpha)."""
     if len(data) > config.max_upload_bytes:
         raise RequestError(
             field, f"image is over this server's upload limit of {config.max_upload_mb:g} MB", 413
@@ -385,7 +396,7 @@ def decode_image(data: bytes, config: ServerConfig, field: str) -> Image.Image:
                     f"image of {im.width}x{im.height} is over this server's limit of {config.max_upload_pixels} pixels",
                 )
             im.load()
-            return im.convert("RGB")
+            return im.convert(mode) if mode else im.copy()
     except RequestError:
         raise
     except UnidentifiedImageError:
@@ -393,6 +404,17 @@ def decode_image(data: bytes, config: ServerConfig, field: str) -> Image.Image:
     except Exception as e:  # anything PIL raises on untrusted bytes means the client sent a bad image
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RequestError(field, f"cannot decode the image ({reason}); send a PNG, JPEG or WebP") from None
+
+
+def decode_mask(data: bytes, config: ServerConfig, field: str, transparent_edits: bool) -> Image.Image:
+    """An uploaded inpainting mask as grayscale, white = repaint. A mask with an alpha channel that varies is
+    read by its alpha: OpenAI's convention (`transparent_edits`) repaints the transparent pixels,
+    AUTOMATIC1111's the opaque ones; a mask without one is read as it looks."""
+    im = decode_image(data, config, field, mode=None)
+    if "A" in im.getbands() and im.getchannel("A").getextrema()[0] < 255:
+        alpha = im.getchannel("A")
+        return ImageOps.invert(alpha) if transparent_edits else alpha
+    return im.convert("L")
 
 
 def fit_init_image(
@@ -424,6 +446,11 @@ A1111_FIELDS = {
     "sampler": "sampler_name",
     "schedule": "scheduler",
 }
+A1111_INPAINT_FIELDS = {
+    "masked_content": "inpainting_fill",
+    "inpaint_padding": "inpaint_full_res_padding",
+    "mask_invert": "inpainting_mask_invert",
+}
 OPENAI_FIELDS = {
     "guidance": "guidance_scale",
     "loras": "loras",
@@ -440,8 +467,18 @@ def a1111_calls(
     image: Image.Image | None = None,
     strength: float = 0.3,
     loras: dict[str, Path] | None = None,
+    mask: Image.Image | None = None,
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
+    inpaint = {}
+    if mask is not None:  # an Img2ImgRequest's inpainting fields, with A1111's meanings
+        inpaint = dict(
+            mask=mask,
+            mask_blur=body.mask_blur,
+            mask_invert=bool(body.inpainting_mask_invert),
+            masked_content=MASKED_CONTENT[body.inpainting_fill],
+            inpaint_padding=body.inpaint_full_res_padding if body.inpaint_full_res else None,
+        )
     width, height = (body.width or native_size, body.height or native_size) if image is None else image.size
     sampler, schedule = resolve_sampler(
         body.sampler_name or body.sampler_index, body.scheduler, "sampler_name"
@@ -461,8 +498,9 @@ def a1111_calls(
         image=image,
         strength=strength,
         loras=prompt_loras,
+        **inpaint,
     )
-    job = checked(job, config, {**A1111_FIELDS, "strength": "denoising_strength"})
+    job = checked(job, config, {**A1111_FIELDS, **A1111_INPAINT_FIELDS, "strength": "denoising_strength"})
     call = replace(job, num_images=body.batch_size)
     return [replace(call, seed=job.seed + i * body.batch_size) for i in range(body.n_iter)]
 
@@ -522,6 +560,7 @@ def openai_call(
     strength: float = 0.3,
     lora_list: list | None = None,
     loras: dict[str, Path] | None = None,
+    **inpaint,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
     prompt, chosen = take_lora_tags(prompt, loras or {})
@@ -542,5 +581,6 @@ def openai_call(
         image=image,
         strength=strength,
         loras=chosen,
+        **inpaint,  # mask, mask_blur, masked_content, inpaint_padding, paste_back (edits)
     )
     return checked(request, config, OPENAI_FIELDS)
