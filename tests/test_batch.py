@@ -205,6 +205,16 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
         "width": 64,
         "height": 64,
         "loras": [],
+        "strength": 0.3,
+        "mask_blur": 4.0,
+        "mask_invert": False,
+        "masked_content": "original",
+        "inpaint_padding": None,
+        "paste_back": True,
+        "image": None,
+        "image_hash": None,
+        "mask": None,
+        "mask_hash": None,
         "model": None,
     }
     assert (yak["steps"], yak["sampler"], yak["line"]) == (2, "dpmpp-2m", 8)

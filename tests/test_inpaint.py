@@ -425,3 +425,53 @@ def test_openai_edits_inpaint_where_the_mask_is_transparent(client):
     kept = np.asarray(box_mask()) == 0
     assert np.array_equal(result[kept], original[kept])
     assert np.abs(result[~kept] - original[~kept]).mean() > 5
+
+
+# ------------------------------------------------------------------------------------------ faces: batch
+
+
+def test_batch_jobs_take_image_mask_and_strength_relative_to_the_jobs_file(pipe, tmp_path):
+    import json
+
+    from kolors.batch import parse_jobs, run
+    from kolors.request import read_parameters
+
+    (tmp_path / "in").mkdir()
+    init_image(64, 48).save(tmp_path / "in" / "photo.png")
+    box_mask(64, 48, (8, 8, 40, 40)).save(tmp_path / "in" / "mask.png")
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"prompt": "a hat", "image": "in/photo.png", "mask": "in/mask.png", "mask_blur": 0, "num_images": 2},
+        {"prompt": "a watercolor", "image": "in/photo.png", "strength": 0.5},
+        {"prompt": "a cat", "width": 32, "height": 32},
+    ]
+    jobs.write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    out = tmp_path / "out"
+    summary = run(jobs, out, pipe=pipe, defaults=dict(steps=2), progress=False)
+    assert summary.done == 4 and summary.failed == 0
+    rows = {
+        r["prompt"] + str(r["index"]): r
+        for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())
+    }
+    hat = rows["a hat0"]
+    assert hat["strength"] == 0.9999 and hat["image"].endswith("photo.png") and hat["mask_hash"]
+    params = read_parameters(out / hat["file"])
+    assert "Denoising strength: 0.9999" in params and "Mask blur: 0" in params
+    result = np.asarray(Image.open(out / hat["file"]).convert("RGB"), dtype=int)
+    assert result.shape == (48, 64, 3)
+    assert np.array_equal(result[:, 44:], np.asarray(init_image(64, 48), dtype=int)[:, 44:])
+    assert "Denoising strength: 0.5" in read_parameters(out / rows["a watercolor0"]["file"])
+    assert Image.open(out / rows["a cat0"]["file"]).size == (32, 32)
+    # A changed picture is another job's image: a new file.
+    before = parse_jobs(jobs)[0][0].file
+    init_image(64, 48).transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "in" / "photo.png")
+    assert parse_jobs(jobs)[0][0].file != before
+    # Bad files: one clear line each.
+    jobs.write_text(
+        json.dumps({"prompt": "x", "image": "in/nope.png"})
+        + "\n"
+        + json.dumps({"prompt": "x", "mask": "in/mask.png"}),
+        encoding="utf-8",
+    )
+    specs, bad = parse_jobs(jobs)
+    assert not specs and "not found" in str(bad[0]) and "needs the image" in str(bad[1])

@@ -7,6 +7,11 @@ changes the image (`a_red_apple-3f9a1c2b7d.png`), so a job that moves in the fil
 job makes a new one; the manifest's `keyed_by` says which ("id" or "content"). Seeds: image i of a job has the
 job's seed + i, as with `kolors generate`, so an image is the same made alone or in a batch. A job without a
 seed gets one hashed from the base seed (--seed, default 0) and its KEY, so a rerun makes the same image.
+
+Image-to-image and inpainting jobs name their `image` and `mask` files, relative to the jobs file; their content
+(a hash) is part of what an image depends on, so editing the picture makes a new image. Their output takes the
+image's own size (rounded down to 8); `width` and `height` do not apply. A job with a mask and no `strength`
+gets inpainting's 0.9999.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kolors.errors import KolorsError
-from kolors.request import DEFAULT_LIMITS, FIELDS, GenerationRequest, Limits
+from kolors.pipeline import load_image
+from kolors.request import DEFAULT_LIMITS, FIELDS, GenerationRequest, Limits, check_size
 
-# A job's fields: the request's, but for image-to-image's, plus an id.
-JOB_FIELDS = ("id", *(f for f in FIELDS if f not in ("image", "strength")))
-WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images"}
+# A job's fields: the request's (its image and mask as file names), plus an id.
+JOB_FIELDS = ("id", *FIELDS)
+FILE_FIELDS = ("image", "mask")
+WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images", "inpaint_padding"}
+NUMBERS = {"guidance", "strength", "mask_blur"}
+FLAGS = {"mask_invert", "paste_back"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
     k: v
@@ -37,9 +46,36 @@ DEFAULTS = {
     if k in JOB_FIELDS and k not in ("prompt", "seed")
 }
 # Fields added after manifests were first written, with the value an older row means.
-LATER_FIELDS = {"schedule": None, "loras": ()}
-# What one image's pixels depend on, besides the model: its request with num_images 1 and its own seed.
+LATER_FIELDS = {
+    "schedule": None,
+    "loras": (),
+    "strength": 0.3,
+    "mask_blur": 4.0,
+    "mask_invert": False,
+    "masked_content": "original",
+    "inpaint_padding": None,
+    "paste_back": True,
+}
+# The fields every content key hashes; a later field joins the hash only when it differs from what older jobs
+# meant, so jobs that do not use it keep their files' names.
+KEYED_FIELDS = (
+    *(
+        "prompt",
+        "negative_prompt",
+        "steps",
+        "guidance",
+        "sampler",
+        "schedule",
+        "seed",
+        "width",
+        "height",
+        "loras",
+    ),
+)
+# What one image's pixels depend on, besides the model: its request with num_images 1 and its own seed (the
+# image and mask by file name and content hash).
 IMAGE_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("id", "num_images"))
+REQUEST_FIELDS = tuple(f for f in IMAGE_FIELDS if f not in FILE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -51,19 +87,30 @@ class ImageSpec:
     id: str | None
     line: int
     index: int
-    request: GenerationRequest
+    request: GenerationRequest  # without its image and mask, which stay files until made (see `loaded`)
     keyed_by: str = "id"  # "id", or "content" for a job without one (files named by what it asks for)
+    files: tuple[tuple[str, str, str], ...] = ()  # (field, path, sha256 prefix) of its image and mask
 
     @property
     def settings(self) -> tuple:
         """What the images of one pipeline call must share."""
         r = self.request
-        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras)
+        inpaint = (r.strength, r.mask_blur, r.mask_invert, r.masked_content, r.inpaint_padding, r.paste_back)
+        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras, self.files, inpaint)
 
     @property
     def params(self) -> dict:
         """What the image's pixels depend on, besides the model."""
-        return {k: getattr(self.request, k) for k in IMAGE_FIELDS}
+        params = {k: getattr(self.request, k) for k in REQUEST_FIELDS}
+        for name in FILE_FIELDS:
+            entry = next((f for f in self.files if f[0] == name), None)
+            params[name], params[f"{name}_hash"] = (entry[1], entry[2]) if entry else (None, None)
+        return params
+
+    def loaded(self) -> GenerationRequest:
+        """The request with its image and mask read from their files."""
+        images = {name: load_image(path) for name, path, _ in self.files}
+        return dataclasses.replace(self.request, **images) if images else self.request
 
     def infotext(self, model: str) -> str:
         return self.request.infotext(self.request.seed, model)
@@ -77,11 +124,12 @@ class ImageSpec:
     def from_row(cls, row: Mapping) -> ImageSpec:
         """The spec of a manifest row; rows of runs before content keys have no keyed_by: by line number, and
         rows from before `schedule` existed lack it (None, the sampler's own)."""
-        values = {k: row.get(k, LATER_FIELDS[k]) if k in LATER_FIELDS else row[k] for k in IMAGE_FIELDS}
+        values = {k: row.get(k, LATER_FIELDS[k]) if k in LATER_FIELDS else row[k] for k in REQUEST_FIELDS}
         values["loras"] = tuple((str(name), float(scale)) for name, scale in values["loras"])  # JSON lists
         request = GenerationRequest(**values)
         keyed_by = row.get("keyed_by", "id" if row["id"] is not None else "line")
-        return cls(row["file"], row["id"], row["line"], row["index"], request, keyed_by)
+        files = tuple((f, row[f], row.get(f"{f}_hash")) for f in FILE_FIELDS if row.get(f))
+        return cls(row["file"], row["id"], row["line"], row["index"], request, keyed_by, files)
 
 
 @dataclass(frozen=True)
@@ -116,11 +164,12 @@ def parse_jobs(
     bad: list[BadLine] = []
     keys: dict[str, int] = {}  # casefolded file key -> line, so no two jobs share a file, even on macOS
     seen: dict[str, int] = {}  # content hash -> how many jobs without an id asked for exactly that
+    base = Path(jobs).parent if isinstance(jobs, (str, os.PathLike)) else Path.cwd()
     for line, record, error in _records(jobs):
         try:
             if error:
                 raise KolorsError(error)
-            job = _job_specs(line, record, defaults, seed, limits, seen)
+            job = _job_specs(line, record, defaults, seed, limits, seen, base)
             key = job[0].file.rsplit("-", 1)[0]
             if key.casefold() in keys:
                 raise KolorsError(
@@ -203,7 +252,13 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 
 
 def _job_specs(
-    line: int, record: dict, defaults: Mapping, base_seed: int, limits: Limits | None, seen: dict[str, int]
+    line: int,
+    record: dict,
+    defaults: Mapping,
+    base_seed: int,
+    limits: Limits | None,
+    seen: dict[str, int],
+    base: Path = Path(),
 ) -> list[ImageSpec]:
     unknown = sorted(set(record) - set(JOB_FIELDS))
     if unknown:
@@ -215,8 +270,16 @@ def _job_specs(
         raise KolorsError('no prompt; every job needs a non-empty "prompt"')
     job_id = values.pop("id", None)
     values["guidance"] = float(values["guidance"])
-    GenerationRequest(**values).validate(limits)  # the values as given, before a seed is derived
-    key = _file_key(job_id) if job_id is not None else _content_key(values, base_seed, seen)
+    if "mask" in values and "strength" not in record:
+        values["strength"] = 0.9999  # inpainting's default, as the CLI's
+    files, images = _read_files(values, base, limits)
+    GenerationRequest(**values, **images).validate(limits)  # the values as given, before a seed is derived
+    del images  # read to check them; made from their files later
+    key = (
+        _file_key(job_id)
+        if job_id is not None
+        else _content_key({**values, **{f"{n}_hash": h for n, _, h in files}}, base_seed, seen)
+    )
     n = values["num_images"]
     if values.get("seed") is None:
         values["seed"] = derived_seed(base_seed, key)
@@ -224,16 +287,44 @@ def _job_specs(
     keyed_by = "id" if job_id is not None else "content"
     return [
         ImageSpec(
-            f"{key}-{i}.png", job_id, line, i, dataclasses.replace(request, seed=request.seed + i), keyed_by
+            f"{key}-{i}.png",
+            job_id,
+            line,
+            i,
+            dataclasses.replace(request, seed=request.seed + i),
+            keyed_by,
+            files,
         )
         for i in range(n)
     ]
 
 
+def _read_files(values: dict, base: Path, limits: Limits | None) -> tuple[tuple, dict]:
+    """A job's image and mask files: (field, absolute path, content hash) each, and the decoded images (to check).
+    Paths are relative to the jobs file's folder."""
+    files, images = [], {}
+    for name in FILE_FIELDS:
+        if name not in values:
+            continue
+        path = (base / values.pop(name)).resolve()
+        images[name] = load_image(path)
+        files.append((name, str(path), hashlib.sha256(path.read_bytes()).hexdigest()[:16]))
+    if "image" in images:
+        w, h = images["image"].size
+        check_size(max(w - w % 8, 8), max(h - h % 8, 8), limits=limits)
+    return tuple(files), images
+
+
 def _content_key(values: Mapping, base_seed: int, seen: dict[str, int]) -> str:
     """The file key of a job without an id: its prompt's first words and a hash of what changes its images
     (not num_images: asking for more images keeps the first ones). The n-th identical job gets its own."""
-    content = {k: values.get(k) for k in IMAGE_FIELDS}
+    content = {k: values.get(k) for k in KEYED_FIELDS}
+    content |= {
+        k: values[k]
+        for k, old in LATER_FIELDS.items()
+        if k not in KEYED_FIELDS and k in values and values[k] != old
+    }
+    content |= {k: values[k] for k in ("image_hash", "mask_hash") if k in values}
     if content["seed"] is None:
         content["base_seed"] = base_seed  # its seed is derived from the base seed, so that changes it too
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:10]
@@ -252,13 +343,19 @@ def _typed(name: str, value):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise KolorsError(f"{name} must be a whole number, not {value!r}")
-    if name == "guidance":
+    if name in NUMBERS:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise KolorsError(f"guidance must be a number, not {value!r}")
+        raise KolorsError(f"{name} must be a number, not {value!r}")
+    if name in FLAGS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise KolorsError(f"{name} must be true or false, not {value!r}")
     if name == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if name == "loras":

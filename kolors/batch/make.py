@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kolors.batch.jobs import ImageSpec
-from kolors.pipeline import KolorsPipeline, lora_hashes
+from kolors.pipeline import KolorsPipeline, inpainting, lora_hashes
 from kolors.request import save_png
 
 
@@ -25,8 +25,9 @@ def batches(specs: list[ImageSpec], batch_size: int) -> Iterator[list[ImageSpec]
 def make_images(pipe: KolorsPipeline, chunk: list[ImageSpec], output_dir: Path) -> Iterator[dict]:
     """Generate `chunk` and write each PNG; yields each image's manifest row once its file is in place."""
     for spec, image in zip(chunk, generate(pipe, chunk), strict=True):
-        request = lora_hashes(pipe, spec.request)
-        save_png(image, output_dir / spec.file, request.infotext(request.seed, pipe.label))
+        # With its image and mask, the request's parameters record its strength and inpaint settings.
+        request = lora_hashes(pipe, spec.loaded() if spec.files else spec.request)
+        save_png(image, output_dir / spec.file, request.infotext(request.seed, pipe.label, size=image.size))
         yield spec.row(pipe.label)
 
 
@@ -35,6 +36,7 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
     first = chunk[0].request
     cfg = first.guidance > 1.0
     requests = [s.request for s in chunk]
+    start = chunk[0].loaded() if chunk[0].files else None  # one image and mask for the whole group
     if first.loras or pipe.get_active_adapters():
         pipe.set_loras(first.loras)  # one LoRA set per group (batches groups by it)
     embeds = pipe.encode_texts(
@@ -42,13 +44,14 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
     )
     out = pipe(
         prompt_embeds=embeds,
-        height=first.height,
-        width=first.width,
+        height=None if start else first.height,
+        width=None if start else first.width,
         num_inference_steps=first.steps,
         guidance_scale=first.guidance,
         sampler=first.sampler,
         schedule=first.schedule,
         seed=[r.seed for r in requests],
         output_type=output_type,
+        **(dict(image=start.image, strength=start.strength, **inpainting(start)) if start else {}),
     )
     return out.images
