@@ -240,6 +240,47 @@ def test_image_to_image_from_an_uploaded_file(page, tmp_path):
     assert page.is_hidden("#init-box") and page.is_disabled("#strength")
 
 
+def test_inpainting_with_a_painted_mask_keeps_the_rest(page, tmp_path):
+    import numpy as np
+
+    init = tmp_path / "start.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    page.fill("#prompt", "a red hat")
+    page.set_input_files("#init-image", init)
+    page.wait_for_selector("#mask-box:not([hidden])")
+    assert page.inner_text("#generate") == "Generate from image"
+    page.wait_for_function("document.querySelector('#mask-image').complete")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask-canvas").bounding_box()
+    y = box["y"] + box["height"] * 0.7
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=5)
+    page.mouse.up()
+    assert page.inner_text("#generate") == "Inpaint"
+    page.eval_on_selector("#strength", "el => { el.value = '1'; el.dispatchEvent(new Event('input')); }")
+    set_number(page, "#steps", 2)
+
+    generate(page)
+
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    page.wait_for_function("document.querySelector('#gallery li img').complete")
+    path = download_newest(page, tmp_path)
+    with Image.open(path) as im:
+        assert "Mask blur: 4" in im.text["parameters"]
+        result = np.asarray(im.convert("RGB"), dtype=int)
+    original = np.asarray(Image.open(init).convert("RGB"), dtype=int)
+    assert np.array_equal(result[:24], original[:24])  # far above the stroke: kept exactly
+    assert np.abs(result[42:48, 20:44] - original[42:48, 20:44]).mean() > 10  # under the stroke: redrawn
+
+    # Invert repaints the rest; clearing the mask is plain image to image again.
+    page.click("#invert-mask")
+    assert page.inner_text("#generate") == "Inpaint"
+    page.click("#clear-mask")
+    assert page.inner_text("#generate") == "Generate from image"
+
+
 def test_progress_is_shown_while_generating_and_interrupt_stops_the_run(page):
     page.fill("#prompt", PROMPT)
     set_number(page, "#width", 64)

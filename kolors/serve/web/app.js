@@ -110,6 +110,10 @@ function buildRequest() {
   if (initImage) {
     body.init_images = [initImage];
     body.denoising_strength = Number($("strength").value);
+    if (maskPainted) {
+      // A1111's inpaint fields: the whole picture, the original content under the mask, a soft edge.
+      Object.assign(body, { mask: maskPNG(), mask_blur: 4, inpainting_fill: 1, inpaint_full_res: false });
+    }
   }
   return body;
 }
@@ -205,6 +209,7 @@ function readImage(file) {
       initImage = reader.result;
       $("init-preview").src = initImage;
       $("init-box").hidden = false;
+      startMask(probe.naturalWidth, probe.naturalHeight);
       $("strength").disabled = false;
       // A1111 resizes the start image to width x height: start from the image's own size.
       setSize(Math.max(8, probe.naturalWidth - (probe.naturalWidth % 8)), Math.max(8, probe.naturalHeight - (probe.naturalHeight % 8)));
@@ -224,8 +229,106 @@ function clearImage() {
   $("init-image").value = "";
   $("init-preview").removeAttribute("src");
   $("init-box").hidden = true;
+  $("mask-box").hidden = true;
   $("strength").disabled = true;
   $("generate").textContent = "Generate";
+}
+
+// ---- inpainting mask ----
+// The mask is painted at the image's own resolution: white strokes on a transparent canvas, sent as a PNG of
+// white (redraw) on black (keep).
+
+let maskPainted = false;
+let lastPoint = null;
+
+function startMask(width, height) {
+  const canvas = $("mask-canvas");
+  canvas.width = width;
+  canvas.height = height;
+  $("mask-image").src = initImage;
+  $("mask-box").hidden = false;
+  setMaskPainted(false);
+}
+
+function setMaskPainted(on) {
+  maskPainted = on;
+  $("generate").textContent = !initImage ? "Generate" : on ? "Inpaint" : "Generate from image";
+}
+
+function canvasPoint(event) {
+  const canvas = $("mask-canvas");
+  const box = canvas.getBoundingClientRect();
+  return [
+    ((event.clientX - box.left) * canvas.width) / box.width,
+    ((event.clientY - box.top) * canvas.height) / box.height,
+  ];
+}
+
+function paint(event) {
+  if (!lastPoint) return;
+  const canvas = $("mask-canvas");
+  const ctx = canvas.getContext("2d");
+  const point = canvasPoint(event);
+  // The brush size is in screen pixels, so it feels the same whatever the image's resolution.
+  ctx.lineWidth = (Number($("brush-size").value) * canvas.width) / canvas.getBoundingClientRect().width;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.strokeStyle = "#fff";
+  ctx.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
+  ctx.beginPath();
+  ctx.moveTo(...lastPoint);
+  ctx.lineTo(...point);
+  ctx.stroke();
+  lastPoint = point;
+  if (!$("eraser").checked) setMaskPainted(true);
+}
+
+function startStroke(event) {
+  event.preventDefault();
+  $("mask-canvas").setPointerCapture(event.pointerId);
+  lastPoint = canvasPoint(event);
+  paint(event); // a click paints a dot
+}
+
+function endStroke() {
+  lastPoint = null;
+  if ($("eraser").checked) setMaskPainted(maskHasPaint());
+}
+
+function maskHasPaint() {
+  const canvas = $("mask-canvas");
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < data.length; i += 4) if (data[i] > 0) return true;
+  return false;
+}
+
+function invertMask() {
+  const canvas = $("mask-canvas");
+  const ctx = canvas.getContext("2d");
+  const image = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  for (let i = 0; i < image.data.length; i += 4) {
+    image.data[i] = image.data[i + 1] = image.data[i + 2] = 255;
+    image.data[i + 3] = 255 - image.data[i + 3];
+  }
+  ctx.putImageData(image, 0, 0);
+  setMaskPainted(maskHasPaint());
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  setMaskPainted(false);
+}
+
+function maskPNG() {
+  const canvas = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = canvas.width;
+  out.height = canvas.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(canvas, 0, 0);
+  return out.toDataURL("image/png");
 }
 
 // ---- gallery ----
@@ -387,6 +490,12 @@ function init() {
   $("strength").addEventListener("input", () => ($("strength-value").value = Number($("strength").value).toFixed(2)));
   $("init-image").addEventListener("change", () => readImage($("init-image").files[0]));
   $("clear-image").addEventListener("click", clearImage);
+  $("mask-canvas").addEventListener("pointerdown", startStroke);
+  $("mask-canvas").addEventListener("pointermove", paint);
+  $("mask-canvas").addEventListener("pointerup", endStroke);
+  $("mask-canvas").addEventListener("pointercancel", endStroke);
+  $("invert-mask").addEventListener("click", invertMask);
+  $("clear-mask").addEventListener("click", clearMask);
   $("generate-form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
