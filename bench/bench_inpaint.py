@@ -11,6 +11,13 @@ prompt is encoded once, outside the timing (both sides take the same embeddings)
 denoising loop and the VAE: inpainting adds one VAE encode (two for a 4-channel UNet at strength < 1, as
 diffusers: the image and the masked image) and, per step, the wider first convolution or the 4-channel blend.
 Wall and CPU time per run are reported; on a shared machine use --threads 1 and read the CPU times.
+
+    python bench/bench_inpaint.py --full-size       # the full Kolors UNet and VAE, what inpainting adds
+
+At full size a denoising step takes minutes on a small CPU, and the one thing a 9-channel UNet adds per step is
+5 input channels of its first convolution: that is counted exactly (torch's FLOP counter, on the meta device, for
+one guided step at --size), not timed. What inpainting adds once per generation, the VAE encodes of the image
+(and of the masked image), is timed on the full-size VAE with random weights, beside a decode.
 """
 
 from __future__ import annotations
@@ -41,17 +48,22 @@ def cpu_seconds() -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a Kolors-diffusers folder (bench/fake_weights.py)")
+    parser.add_argument("--model", default=None, help="a Kolors-diffusers folder (bench/fake_weights.py)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--full-size", action="store_true", help="count the full UNet's step, time its VAE")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    if args.full_size:
+        return full_size(args)
+    if not args.model:
+        parser.error("--model is required (or --full-size)")
 
     from kolors import KolorsPipeline
 
@@ -129,6 +141,55 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def full_size(args) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.common import REFERENCE
+    from kolors.config import load_config
+    from kolors.models.unet import UNet2DConditionModel, UNetConfig
+    from kolors.models.vae import AutoencoderKL, VAEConfig
+
+    latent = args.size // 8
+    config = load_config(UNetConfig, REFERENCE / "unet" / "config.json")
+    flops = {}
+    for channels in (4, 9):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(dataclasses.replace(config, in_channels=channels))
+            x = torch.empty(2, channels, latent, latent)
+            states = torch.empty(2, 256, config.encoder_hid_dim)
+            pooled, ids = torch.empty(2, config.encoder_hid_dim), torch.empty(2, 6)
+            with FlopCounterMode(display=False) as counter:
+                unet(x, torch.empty(2), states, pooled, ids)
+        flops[channels] = counter.get_total_flops()
+    extra = flops[9] - flops[4]
+    print(f"\n{machine_info()}\n{' '.join(sys.argv)}")
+    print(
+        f"full UNet, one guided step at {args.size}x{args.size}: {flops[4] / 1e12:.3f} TFLOP with 4 input "
+        f"channels, {flops[9] / 1e12:.3f} with 9 (+{extra / 1e9:.2f} GFLOP, +{100 * extra / flops[4]:.4f}%)"
+    )
+
+    vae_config = load_config(VAEConfig, REFERENCE / "vae" / "config.json")
+    vae = AutoencoderKL(vae_config).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn_like(p) / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else torch.ones_like(p))
+    image = torch.rand(1, 3, args.size, args.size) * 2 - 1
+    latents = torch.randn(1, 4, latent, latent)
+    times = {"encode": [], "decode": []}
+    for round_ in range(args.repeats + 1):
+        for name, fn in (("encode", lambda: vae.encode(image)), ("decode", lambda: vae.decode(latents))):
+            start, cpu = time.perf_counter(), cpu_seconds()
+            fn()
+            if round_:
+                times[name].append((time.perf_counter() - start, cpu_seconds() - cpu))
+    for name, runs in times.items():
+        wall, cpu = np.median([r[0] for r in runs]), np.median([r[1] for r in runs])
+        print(
+            f"full VAE {name} at {args.size}x{args.size}, float32, threads {torch.get_num_threads()}: "
+            f"{wall:.2f} s wall, {cpu:.2f} s cpu (median of {len(runs)})"
+        )
 
 
 def diffusers_inpaint(model: str, pipe, image, mask, steps: int):

@@ -475,3 +475,10 @@ def test_batch_jobs_take_image_mask_and_strength_relative_to_the_jobs_file(pipe,
     )
     specs, bad = parse_jobs(jobs)
     assert not specs and "not found" in str(bad[0]) and "needs the image" in str(bad[1])
+
+
+def test_low_memory_inpaints_the_same(tiny_model_dir, pipe):
+    low = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu", memory="low")
+    low.set_progress_bar_config(disable=True)
+    kwargs = dict(image=init_image(), mask_image=box_mask(), num_inference_steps=2, seed=9, output_type="np")
+    assert np.abs(low(PROMPT, **kwargs).images - pipe(PROMPT, **kwargs).images).max() < 1e-5
