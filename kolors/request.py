@@ -221,6 +221,19 @@ def check_size(width: int, height: int, *, multiple: int = 8, limits: Limits | N
             raise InvalidRequest(name, f"{name} {value} is over the limit of {limit} pixels")
 
 
+def check_control(scale: float, start: float, end: float, field: str = "controlnets") -> None:
+    """One ControlNet's weight (a finite number) and its window: the fractions of the steps where it acts."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidRequest(
+            field, f"ControlNet scale must be a finite number (0.7 is typical), not {scale!r}"
+        )
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise InvalidRequest(field, f"ControlNet guidance {name} must be between 0 and 1, not {value!r}")
+    if start >= end:
+        raise InvalidRequest(field, f"ControlNet guidance start {start} must be below its end {end}")
+
+
 def check_seed(seed: int | None, count: int = 1) -> None:
     """A seed (None: to be drawn) whose `count` images' seeds seed .. seed + count - 1 are all valid."""
     if seed is None:
