@@ -9,15 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["KolorsError", "KolorsPipeline", "KolorsPipelineOutput", "PromptEmbeds"]
+__all__ = ["KolorsError", "KolorsPipeline", "KolorsPipelineOutput", "PromptEmbeds", "preprocess"]
 _WHERE = {
     "KolorsError": "kolors.errors",
     "KolorsPipeline": "kolors.pipeline",
     "KolorsPipelineOutput": "kolors.pipeline",
     "PromptEmbeds": "kolors.pipeline",
+    "preprocess": "kolors.adapters.preprocess",
 }
 
 if TYPE_CHECKING:
+    from kolors.adapters.preprocess import preprocess
     from kolors.errors import KolorsError
     from kolors.pipeline import KolorsPipeline, KolorsPipelineOutput, PromptEmbeds
 

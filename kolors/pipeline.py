@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from kolors import samplers
 from kolors.adapters import controlnet as control
 from kolors.adapters.lora import LoraSet, lora_short_hash
+from kolors.adapters.preprocess import PREPROCESSORS, preprocess  # noqa: F401 (the faces' way to them)
 from kolors.components import load_text_encoder, load_unet, load_vae, unet_files, vae_dtype
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
