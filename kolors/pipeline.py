@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kolors import samplers
 from kolors.adapters import controlnet as control
 from kolors.adapters.lora import LoraSet, lora_short_hash
-from kolors.adapters.preprocess import PREPROCESSORS, preprocess  # noqa: F401 (the faces' way to them)
+from kolors.adapters.preprocess import preprocess
 from kolors.components import load_text_encoder, load_unet, load_vae, unet_files, vae_dtype
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
@@ -963,8 +963,34 @@ def generate(
         image=request.image,
         strength=request.strength,
         callback=callback,
+        **control_call(pipe, request),
     )
     return list(zip(out.images, out.seeds, strict=True))
+
+
+def control_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
+    """The ControlNet keywords of a pipeline call for `request`'s units: each unit's model loaded if it is a
+    folder or repo not loaded yet (the CLI's; a server lets through only the names it loaded), its image
+    preprocessed, each image sized as the init image or the request."""
+    if not request.controlnets:
+        return {}
+    names = []
+    for unit in request.controlnets:
+        loaded = unit.model in pipe.controlnets or unit.model.split(" [")[0] in pipe.controlnets
+        names.append(unit.model if loaded else pipe.load_controlnet(unit.model))
+    images = [
+        unit.image
+        if unit.preprocess == "none"
+        else preprocess(unit.preprocess, unit.image, **dict(unit.options))
+        for unit in request.controlnets
+    ]
+    return dict(
+        control_image=images,
+        controlnet=names,
+        controlnet_conditioning_scale=[u.scale for u in request.controlnets],
+        control_guidance_start=[u.start for u in request.controlnets],
+        control_guidance_end=[u.end for u in request.controlnets],
+    )
 
 
 def lora_hashes(pipe: KolorsPipeline, request: GenerationRequest) -> GenerationRequest:

@@ -54,6 +54,25 @@ class Limits:
 DEFAULT_LIMITS = Limits(max_width=2048, max_height=2048, max_steps=150, max_images=8)
 
 
+# Control image preprocessors (kolors.adapters.preprocess implements them), here so that the faces can list them.
+PREPROCESSORS = ("none", "canny", "depth", "openpose", "dwpose")
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a request: a loaded ControlNet's name (or a folder or hub repo for the CLI and Python
+    to load), its control image (made by `preprocess` from this image, or used as it is with "none"), its weight
+    and the fractions of the steps where it acts. The default weight is Kolors' official sample's."""
+
+    model: str
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    scale: float = 0.7
+    preprocess: str = "none"
+    start: float = 0.0
+    end: float = 1.0
+    options: tuple[tuple[str, float], ...] = ()  # the preprocessor's options, e.g. (("low_threshold", 50),)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -73,6 +92,7 @@ class GenerationRequest:
     ] = ()  # (LoRA file or loaded adapter name, scale), applied to this request
     # (name, A1111 short hash) of each LoRA, filled in once the LoRAs are loaded: the image's `Lora hashes`
     lora_hashes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    controlnets: tuple[ControlUnit, ...] = ()  # ControlNets steering this request, in order
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """The one validation, before any model is loaded; returns the request itself."""
@@ -88,6 +108,7 @@ class GenerationRequest:
         )
         check_seed(self.seed, self.num_images)
         check_loras(self.loras)
+        check_controlnets(self.controlnets)
         return self
 
     def with_seed(self) -> GenerationRequest:
@@ -119,21 +140,75 @@ class GenerationRequest:
             fields.append(
                 f'Lora hashes: "{", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)}"'
             )
+        for i, unit in enumerate(self.controlnets):  # as sd-webui-controlnet records its units
+            fields.append(f'ControlNet {i}: "{control_infotext(unit)}"')
         # A1111 keeps each LoRA as a <lora:name:scale> tag in the prompt it records: the image reproduces there.
         tags = "".join(f" <lora:{lora_name(name)}:{scale:g}>" for name, scale in self.loras)
         return f"{self.prompt}{tags}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
 
     def as_dict(self) -> dict:
-        """The fields as plain data (the init image and the LoRAs' hashes left out)."""
-        return {name: getattr(self, name) for name in FIELDS if name != "image"}
+        """The fields as plain data (the init image, the control images and the LoRAs' hashes left out)."""
+        data = {name: getattr(self, name) for name in FIELDS if name != "image"}
+        data["controlnets"] = [
+            {k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in self.controlnets
+        ]
+        return data
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "lora_hashes")
+# The request's scalar fields (the ControlNet units, with their images, travel apart: as_dict lists them).
+FIELDS = tuple(
+    f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("lora_hashes", "controlnets")
+)
 
 
 def lora_name(name_or_path: str) -> str:
     """A LoRA as A1111 names it: its file's stem (a loaded adapter's name stays as it is)."""
     return Path(name_or_path).stem if Path(name_or_path).suffix else str(name_or_path)
+
+
+def control_infotext(unit: ControlUnit) -> str:
+    """A ControlNet unit as sd-webui-controlnet writes it in an image's parameters (the control image is resized
+    to the output size: its "Just Resize")."""
+    options = dict(unit.options)
+    thresholds = (
+        [f"Threshold A: {float(options['low_threshold'])}, Threshold B: {float(options['high_threshold'])}"]
+        if {"low_threshold", "high_threshold"} <= set(options)
+        else []
+    )
+    return ", ".join(
+        [
+            f"Module: {unit.preprocess}",
+            f"Model: {unit.model}",
+            f"Weight: {unit.scale}",
+            "Resize Mode: Just Resize",
+            *([f"Processor Res: {options['resolution']}"] if "resolution" in options else []),
+            *thresholds,
+            f"Guidance Start: {unit.start}",
+            f"Guidance End: {unit.end}",
+            "Control Mode: Balanced",
+        ]
+    )
+
+
+def check_controlnets(units) -> None:
+    """Each ControlNet unit: a model name, a control image, a known preprocessor, its weight and window."""
+    for i, unit in enumerate(units):
+        if not isinstance(unit, ControlUnit):
+            raise InvalidRequest(
+                "controlnets", f"ControlNet {i} must be a ControlUnit, not {type(unit).__name__}"
+            )
+        if not isinstance(unit.model, str) or not unit.model.strip():
+            raise InvalidRequest(
+                "controlnets", f"ControlNet {i} names no model; give a loaded ControlNet's name"
+            )
+        if not isinstance(unit.image, Image.Image):
+            raise InvalidRequest("controlnets", f"ControlNet {i} ({unit.model}) has no control image")
+        if unit.preprocess not in PREPROCESSORS:
+            raise InvalidRequest(
+                "controlnets",
+                f"unknown preprocessor {unit.preprocess!r} for ControlNet {i}; choose one of: {', '.join(PREPROCESSORS)}",
+            )
+        check_control(unit.scale, unit.start, unit.end)
 
 
 def check_loras(loras) -> None:
