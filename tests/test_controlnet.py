@@ -333,3 +333,26 @@ def test_undecodable_control_image(pipe, tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(KolorsError, match="cannot decode image"):
         pipe("a cat", **SIZE, control_image=bad, controlnet="cn-edges", num_inference_steps=1)
+
+
+def test_controlnets_run_in_the_unets_stage(pipe, monkeypatch):
+    """memory="low" moves a module to the device for its stage (KolorsPipeline._stage): the ControlNets of a
+    call enter it with the UNet, and stay out of the other stages."""
+    staged, inside = [], []
+    real_stage = pipe._stage
+
+    def stage(module):
+        staged.append(module)
+        return real_stage(module)
+
+    def spy(*args, **kwargs):
+        inside.append(list(staged))
+        return original(*args, **kwargs)
+
+    original = type(pipe.controlnets["cn-edges"]).forward
+    monkeypatch.setattr(pipe, "_stage", stage)
+    monkeypatch.setattr(type(pipe.controlnets["cn-edges"]), "forward", spy)
+    pipe("a cat", **SIZE, control_image=control_image(), controlnet="cn-edges", num_inference_steps=1,
+         guidance_scale=1.0, seed=0, output_type="latent")  # fmt: skip
+    assert pipe.controlnets["cn-edges"] in inside[0] and pipe.unet in inside[0]
+    assert pipe.controlnets["cn-depth"] not in staged
