@@ -978,12 +978,12 @@ def control_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
     for unit in request.controlnets:
         loaded = unit.model in pipe.controlnets or unit.model.split(" [")[0] in pipe.controlnets
         names.append(unit.model if loaded else pipe.load_controlnet(unit.model))
-    images = [
-        unit.image
-        if unit.preprocess == "none"
-        else preprocess(unit.preprocess, unit.image, **dict(unit.options))
-        for unit in request.controlnets
-    ]
+    images = []
+    for unit in request.controlnets:
+        image = load_image(unit.image) if isinstance(unit.image, str) else unit.image
+        images.append(
+            image if unit.preprocess == "none" else preprocess(unit.preprocess, image, **dict(unit.options))
+        )
     return dict(
         control_image=images,
         controlnet=names,

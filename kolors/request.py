@@ -61,11 +61,12 @@ PREPROCESSORS = ("none", "canny", "depth", "openpose", "dwpose")
 @dataclass(frozen=True)
 class ControlUnit:
     """One ControlNet of a request: a loaded ControlNet's name (or a folder or hub repo for the CLI and Python
-    to load), its control image (made by `preprocess` from this image, or used as it is with "none"), its weight
-    and the fractions of the steps where it acts. The default weight is Kolors' official sample's."""
+    to load), its control image (made by `preprocess` from this image, or used as it is with "none"; a file path
+    is read when the request runs: batch jobs name files, a server never does), its weight and the fractions of
+    the steps where it acts. The default weight is Kolors' official sample's."""
 
     model: str
-    image: Image.Image | None = field(default=None, compare=False, repr=False)
+    image: Image.Image | str | None = field(default=None, compare=False, repr=False)
     scale: float = 0.7
     preprocess: str = "none"
     start: float = 0.0
@@ -201,7 +202,7 @@ def check_controlnets(units) -> None:
             raise InvalidRequest(
                 "controlnets", f"ControlNet {i} names no model; give a loaded ControlNet's name"
             )
-        if not isinstance(unit.image, Image.Image):
+        if not isinstance(unit.image, Image.Image) and not (isinstance(unit.image, str) and unit.image):
             raise InvalidRequest("controlnets", f"ControlNet {i} ({unit.model}) has no control image")
         if unit.preprocess not in PREPROCESSORS:
             raise InvalidRequest(

@@ -249,3 +249,40 @@ def test_openai_controlnet_field(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "controlnet[0].model", r.text
     r = client.post("/v1/images/generations", json={**body, "controlnet": [{**unit, "preprocess": "hed"}]})
     assert r.status_code == 400 and "unknown preprocessor 'hed'" in r.json()["error"]["message"], r.text
+
+
+# ------------------------------------------------------------------------------------------------ batch
+
+
+def test_batch_jobs_with_a_controlnet(pipe, controlnet_dir, tmp_path):
+    import json
+
+    from kolors.batch import run
+
+    photo().save(tmp_path / "photo.png")
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"prompt": "a cat", "id": "cn", "seed": 3, "controlnet": "edges", "control_image": str(tmp_path / "photo.png"),
+         "control_scale": 0.7, "control_preprocess": "canny"},
+        {"prompt": "a cat", "id": "plain"},
+        {"prompt": "a cat", "control_image": str(tmp_path / "photo.png")},
+        {"prompt": "a cat", "controlnet": "edges", "control_image": str(tmp_path / "photo.png"), "control_scale": "x"},
+    ]  # fmt: skip
+    jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out"
+    summary = run(jobs, out, pipe=pipe, defaults=dict(steps=2, width=64, height=64), progress=False)
+    assert [b.line for b in summary.bad_lines] == [3, 4]
+    assert "need a controlnet" in summary.bad_lines[0].message
+    assert "control_scale must be a number" in summary.bad_lines[1].message
+    same = pipe(
+        "a cat", height=64, width=64, num_inference_steps=2, seed=3, control_image=pipe_canny(photo()),
+        controlnet="edges", controlnet_conditioning_scale=0.7,
+    ).images[0]  # fmt: skip
+    made = Image.open(out / "cn-0.png")
+    assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(same))
+    assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 0.7' in made.text["parameters"]
+    assert "ControlNet" not in Image.open(out / "plain-0.png").text["parameters"]
+    rows = {r["file"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert rows["cn-0.png"]["controlnet"] == "edges" and rows["plain-0.png"]["controlnet"] is None
+    again = run(jobs, out, pipe=pipe, defaults=dict(steps=2, width=64, height=64), progress=False)
+    assert again.done == 0 and again.skipped == 2  # resumed: nothing made twice

@@ -25,10 +25,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kolors.errors import KolorsError
-from kolors.request import DEFAULT_LIMITS, FIELDS, GenerationRequest, Limits
+from kolors.request import DEFAULT_LIMITS, FIELDS, ControlUnit, GenerationRequest, Limits
 
-# A job's fields: the request's, but for image-to-image's, plus an id.
-JOB_FIELDS = ("id", *(f for f in FIELDS if f not in ("image", "strength")))
+# A job's ControlNet: a ControlNet folder or repo, its control image file, weight and preprocessor.
+CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess")
+# A job's fields: the request's, but for image-to-image's, plus an id and its ControlNet.
+JOB_FIELDS = ("id", *(f for f in FIELDS if f not in ("image", "strength")), *CONTROL_FIELDS)
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
@@ -37,7 +39,7 @@ DEFAULTS = {
     if k in JOB_FIELDS and k not in ("prompt", "seed")
 }
 # Fields added after manifests were first written, with the value an older row means.
-LATER_FIELDS = {"schedule": None, "loras": ()}
+LATER_FIELDS = {"schedule": None, "loras": (), **dict.fromkeys(CONTROL_FIELDS)}
 # What one image's pixels depend on, besides the model: its request with num_images 1 and its own seed.
 IMAGE_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("id", "num_images"))
 
@@ -58,12 +60,21 @@ class ImageSpec:
     def settings(self) -> tuple:
         """What the images of one pipeline call must share."""
         r = self.request
-        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras)
+        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras, self.control)
+
+    @property
+    def control(self) -> tuple:
+        """The job's ControlNet fields (None each without one)."""
+        units = self.request.controlnets
+        if not units:
+            return (None,) * len(CONTROL_FIELDS)
+        return (units[0].model, units[0].image, units[0].scale, units[0].preprocess)
 
     @property
     def params(self) -> dict:
         """What the image's pixels depend on, besides the model."""
-        return {k: getattr(self.request, k) for k in IMAGE_FIELDS}
+        control = dict(zip(CONTROL_FIELDS, self.control, strict=True))
+        return {k: control[k] if k in control else getattr(self.request, k) for k in IMAGE_FIELDS}
 
     def infotext(self, model: str) -> str:
         return self.request.infotext(self.request.seed, model)
@@ -79,7 +90,7 @@ class ImageSpec:
         rows from before `schedule` existed lack it (None, the sampler's own)."""
         values = {k: row.get(k, LATER_FIELDS[k]) if k in LATER_FIELDS else row[k] for k in IMAGE_FIELDS}
         values["loras"] = tuple((str(name), float(scale)) for name, scale in values["loras"])  # JSON lists
-        request = GenerationRequest(**values)
+        request = GenerationRequest(**_with_control(values))
         keyed_by = row.get("keyed_by", "id" if row["id"] is not None else "line")
         return cls(row["file"], row["id"], row["line"], row["index"], request, keyed_by)
 
@@ -215,12 +226,14 @@ def _job_specs(
         raise KolorsError('no prompt; every job needs a non-empty "prompt"')
     job_id = values.pop("id", None)
     values["guidance"] = float(values["guidance"])
-    GenerationRequest(**values).validate(limits)  # the values as given, before a seed is derived
+    GenerationRequest(**_with_control(values)).validate(
+        limits
+    )  # the values as given, before a seed is derived
     key = _file_key(job_id) if job_id is not None else _content_key(values, base_seed, seen)
     n = values["num_images"]
     if values.get("seed") is None:
         values["seed"] = derived_seed(base_seed, key)
-    request = dataclasses.replace(GenerationRequest(**values), num_images=1)
+    request = dataclasses.replace(GenerationRequest(**_with_control(values)), num_images=1)
     keyed_by = "id" if job_id is not None else "content"
     return [
         ImageSpec(
@@ -230,10 +243,30 @@ def _job_specs(
     ]
 
 
+def _with_control(values: Mapping) -> dict:
+    """The request's fields of a job: its ControlNet fields as one ControlUnit."""
+    values = dict(values)
+    control = {k: values.pop(k, None) for k in CONTROL_FIELDS}
+    if control["controlnet"] is None:
+        if any(v is not None for v in control.values()):
+            raise KolorsError("control_image, control_scale and control_preprocess need a controlnet")
+        return values
+    if control["control_image"] is None:
+        raise KolorsError("controlnet needs a control_image (an image file)")
+    unit = ControlUnit(
+        control["controlnet"],
+        control["control_image"],
+        0.7 if control["control_scale"] is None else control["control_scale"],
+        control["control_preprocess"] or "none",
+    )
+    return {**values, "controlnets": (unit,)}
+
+
 def _content_key(values: Mapping, base_seed: int, seen: dict[str, int]) -> str:
     """The file key of a job without an id: its prompt's first words and a hash of what changes its images
     (not num_images: asking for more images keeps the first ones). The n-th identical job gets its own."""
-    content = {k: values.get(k) for k in IMAGE_FIELDS}
+    # A job's ControlNet fields join the hash only when given: the files of jobs without one keep their names.
+    content = {k: values.get(k) for k in IMAGE_FIELDS if k not in CONTROL_FIELDS or values.get(k) is not None}
     if content["seed"] is None:
         content["base_seed"] = base_seed  # its seed is derived from the base seed, so that changes it too
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:10]
@@ -263,6 +296,13 @@ def _typed(name: str, value):
         return str(value)
     if name == "loras":
         return _loras(value)
+    if name == "control_scale":
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise KolorsError(f"control_scale must be a number, not {value!r}")
     if isinstance(value, str):
         return value
     raise KolorsError(f"{name} must be text, not {value!r}")

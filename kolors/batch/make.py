@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kolors.batch.jobs import ImageSpec
-from kolors.pipeline import KolorsPipeline, lora_hashes
+from kolors.pipeline import KolorsPipeline, control_call, lora_hashes
 from kolors.request import save_png
 
 
@@ -50,5 +50,6 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
         schedule=first.schedule,
         seed=[r.seed for r in requests],
         output_type=output_type,
+        **control_call(pipe, first),  # one ControlNet and control image per group (batches groups by them)
     )
     return out.images
