@@ -356,3 +356,14 @@ def test_controlnets_run_in_the_unets_stage(pipe, monkeypatch):
          guidance_scale=1.0, seed=0, output_type="latent")  # fmt: skip
     assert pipe.controlnets["cn-edges"] in inside[0] and pipe.unet in inside[0]
     assert pipe.controlnets["cn-depth"] not in staged
+
+
+def test_bench_smoke(capsys):
+    """bench/bench_controlnet.py runs (tiny widths), and its two ControlNet steps agree."""
+    from bench.bench_controlnet import main as bench
+
+    bench(["--channels", "64,128,128", "--depth", "1,1,1", "--latent", "8", "--tokens", "16", "--threads", "1",
+           "--dtype", "float32", "--warmup", "0", "--repeats", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "diffusers+cn / kolors+cn" in out
+    assert float(out.split("max |diff| of the two steps ")[1].split()[0]) < 1e-4

@@ -81,7 +81,9 @@ class ImageSpec:
 
     def row(self, model: str | None = None) -> dict:
         row = {"file": self.file, "id": self.id, "keyed_by": self.keyed_by, "line": self.line}
-        row = {**row, "index": self.index, **self.params}
+        # ControlNet fields only when the job has one: rows of other jobs stay as they were.
+        params = {k: v for k, v in self.params.items() if k not in CONTROL_FIELDS or v is not None}
+        row = {**row, "index": self.index, **params}
         return row if model is None else {**row, "model": model}
 
     @classmethod
