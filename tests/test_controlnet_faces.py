@@ -286,3 +286,41 @@ def test_batch_jobs_with_a_controlnet(pipe, controlnet_dir, tmp_path):
     assert rows["cn-0.png"]["controlnet"] == "edges" and "controlnet" not in rows["plain-0.png"]
     again = run(jobs, out, pipe=pipe, defaults=dict(steps=2, width=64, height=64), progress=False)
     assert again.done == 0 and again.skipped == 2  # resumed: nothing made twice
+
+
+def test_a1111_body_as_webuiapi_sends_it(client):
+    """The unit exactly as the webuiapi package's ControlNetUnit(...).to_dict() writes it (its defaults: input_image,
+    mask None, Resize and Fill, thresholds 0.1, control_mode 0), under the "ControlNet" script key."""
+    unit = {
+        "input_image": png_b64(photo(96, 64)),
+        "mask": None,
+        "module": "canny",
+        "model": "edges [a1b2c3d4]",
+        "weight": 1.0,
+        "resize_mode": "Resize and Fill",
+        "lowvram": False,
+        "processor_res": 512,
+        "threshold_a": 0.1,
+        "threshold_b": 0.1,
+        "guidance": 1.0,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "control_mode": 0,
+        "pixel_perfect": False,
+    }
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["images"][0])
+    assert image.size == (64, 64)
+    assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 1.0' in image.text["parameters"]
+
+
+def test_every_sampler_takes_a_controlnet(pipe):
+    """The window is by the step whose sigma a sampler evaluates: heun's two evaluations of a step alike."""
+    kwargs = dict(height=64, width=64, num_inference_steps=2, seed=3, output_type="np", sampler="heun")
+    plain = pipe("a cat", **kwargs).images
+    late = pipe("a cat", **kwargs, control_image=pipe_canny(photo()), control_guidance_start=0.5).images
+    early = pipe("a cat", **kwargs, control_image=pipe_canny(photo()), control_guidance_end=0.5).images
+    assert np.abs(late - plain).max() > 0 and np.abs(early - plain).max() > 0
+    assert np.abs(late - early).max() > 0
