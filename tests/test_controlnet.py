@@ -132,6 +132,7 @@ def gen(seed: int) -> torch.Generator:
 def assert_close(ours: np.ndarray, theirs: np.ndarray, tol: float = TOL) -> float:
     assert ours.shape == theirs.shape
     diff = float(np.abs(ours - theirs).max())
+    print(f"max |diff| {diff:.2e}")  # the parity figure, shown with -s
     assert diff <= tol, f"max |diff| {diff} > {tol}"
     assert theirs.std() > 0.01  # a blank image would match anything
     return diff

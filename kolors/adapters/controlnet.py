@@ -106,14 +106,19 @@ def load_controlnet(
     pack: bool = False,
     local_files_only: bool | None = None,
 ) -> ControlNetModel:
-    """A ControlNet for `unet`, checked against it before any weight is read, then strictly loaded."""
+    """A ControlNet for `unet`, checked against it before any weight is read, then strictly loaded (the
+    `variant` files when it has them, else its plain or fp16 ones)."""
     folder = find_controlnet(path_or_repo, local_files_only=local_files_only)
     config = load_config(ControlNetConfig, folder / "config.json")
     check_fits(config, unet, str(path_or_repo))
     model = build_on_meta(lambda: ControlNetModel(config))
+    try:
+        files = weight_files(folder, variant)
+    except KolorsError:  # the base model's variant (fp16) that a ControlNet repo may not have: its own files
+        files = weight_files(folder, None)
     load_weights(
         model,
-        weight_files(folder, variant),
+        files,
         dtype=dtype,
         device=device,
         loaded=packer(model) if pack else None,
