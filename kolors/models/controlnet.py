@@ -186,9 +186,11 @@ class ControlNetModel(nn.Module):
             context = self.prepare_context(context, merge_pads=False)
         if self.config.controlnet_conditioning_channel_order == "bgr":
             cond = cond.flip(1)
-        if fast_cpu(sample):
+        cond = cond.to(sample.dtype)
+        if fast_cpu(sample):  # as the UNet: channels-last activations, and a fused add of two alike
             sample = sample.contiguous(memory_format=torch.channels_last)
-        x = self.conv_in(sample, self.controlnet_cond_embedding(cond.to(sample.dtype)))
+            cond = cond.contiguous(memory_format=torch.channels_last)
+        x = self.conv_in(sample, self.controlnet_cond_embedding(cond))
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
