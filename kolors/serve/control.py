@@ -130,8 +130,8 @@ def a1111_control_units(
         if _named(unit.control_mode, CONTROL_MODES, f"{field}.control_mode", "control mode") != "Balanced":
             raise RequestError(f"{field}.control_mode", "only Balanced is supported")
         data = unit.image.get("image") if isinstance(unit.image, dict) else unit.image or unit.input_image
-        if not data:
-            raise RequestError(f"{field}.image", "a unit needs a control image (base64)")
+        if not data or not isinstance(data, str):
+            raise RequestError(f"{field}.image", "a unit needs a control image (base64 text)")
         image = fit_control_image(_image(data, cfg, f"{field}.image"), size, mode)
         units.append(
             ControlUnit(
