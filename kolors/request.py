@@ -179,7 +179,7 @@ def control_infotext(unit: ControlUnit) -> str:
     return ", ".join(
         [
             f"Module: {unit.preprocess}",
-            f"Model: {unit.model}",
+            f"Model: {controlnet_label(unit.model)}",
             f"Weight: {unit.scale}",
             "Resize Mode: Just Resize",
             *([f"Processor Res: {options['resolution']}"] if "resolution" in options else []),
@@ -189,6 +189,11 @@ def control_infotext(unit: ControlUnit) -> str:
             "Control Mode: Balanced",
         ]
     )
+
+
+def controlnet_label(model: str) -> str:
+    """A ControlNet as an image's parameters name it: a loaded one's name, or its folder's or repo's last part."""
+    return model.replace("\\", "/").rstrip("/").split("/")[-1] or model
 
 
 def check_controlnets(units) -> None:

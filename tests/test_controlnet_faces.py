@@ -102,9 +102,7 @@ def test_cli_controlnet(tiny_model_dir, controlnet_dir, tmp_path, capsys):
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert 'ControlNet 0: "Module: canny, Model: ' + str(controlnet_dir) + ", Weight: 0.5" in read_parameters(
-        out
-    )
+    assert 'ControlNet 0: "Module: canny, Model: Kolors-ControlNet-Tiny, Weight: 0.5' in read_parameters(out)
     code, _, err = cli([*base, "--controlnet", str(controlnet_dir)], capsys)
     assert code == 2 and "0 --control-image for 1 --controlnet" in err
     code, _, err = cli(
