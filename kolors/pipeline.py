@@ -282,13 +282,8 @@ class KolorsPipeline:
             plain_weight=plain_weight,
         )
         pipe._variant, pipe._pack = variant, pack
-        for path in (
-            []
-            if controlnet is None
-            else [controlnet]
-            if isinstance(controlnet, (str, os.PathLike))
-            else controlnet
-        ):
+        paths = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
+        for path in paths:
             pipe.load_controlnet(path)
         return pipe
 
