@@ -363,7 +363,7 @@ def test_bench_smoke(capsys):
     """bench/bench_controlnet.py runs (tiny widths), and its two ControlNet steps agree."""
     from bench.bench_controlnet import main as bench
 
-    bench(["--channels", "64,128,128", "--depth", "1,1,1", "--latent", "8", "--tokens", "16", "--threads", "1",
+    bench(["--channels", "64,128,128", "--depth", "1,1,1", "--latent", "8", "--tokens", "64", "--threads", "1",
            "--dtype", "float32", "--warmup", "0", "--repeats", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert "diffusers+cn / kolors+cn" in out
