@@ -18,6 +18,7 @@ __all__ = [
     "grow_mask",
     "invert_mask",
     "outpaint_canvas",
+    "preprocess",
 ]
 _WHERE = {
     "blur_mask": "kolors.masks",
@@ -28,9 +29,11 @@ _WHERE = {
     "KolorsPipeline": "kolors.pipeline",
     "KolorsPipelineOutput": "kolors.pipeline",
     "PromptEmbeds": "kolors.pipeline",
+    "preprocess": "kolors.adapters.preprocess",
 }
 
 if TYPE_CHECKING:
+    from kolors.adapters.preprocess import preprocess
     from kolors.errors import KolorsError
     from kolors.masks import blur_mask, grow_mask, invert_mask, outpaint_canvas
     from kolors.pipeline import KolorsPipeline, KolorsPipelineOutput, PromptEmbeds

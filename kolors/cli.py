@@ -158,6 +158,66 @@ def add_generation_options(p: argparse.ArgumentParser, *, batch: bool = False) -
     )
 
 
+def add_control_options(p: argparse.ArgumentParser) -> None:
+    """ControlNet units, repeatable: the k-th --control-image (and scale, preprocessor, window) goes with the k-th
+    --controlnet; a single scale, preprocessor, start or end applies to every unit."""
+    g = p.add_argument_group("ControlNet (repeat each option for several)")
+    g.add_argument("--controlnet", action="append", default=[], help="ControlNet folder or hub repo")
+    g.add_argument("--control-image", action="append", default=[], help="its control image")
+    g.add_argument("--control-scale", action="append", type=float, default=[], help="weight (default 0.7)")
+    g.add_argument(
+        "--control-preprocess",
+        action="append",
+        default=[],
+        help="none (default), canny, depth, openpose, dwpose",
+    )
+    g.add_argument("--control-start", action="append", type=float, default=[], help="fraction of the steps")
+    g.add_argument("--control-end", action="append", type=float, default=[], help="fraction of the steps")
+
+
+def control_units(args: argparse.Namespace) -> tuple:
+    """The ControlNet units of the command line, each with its control image read."""
+    from kolors.pipeline import load_image
+    from kolors.request import ControlUnit
+
+    nets, images = args.controlnet, args.control_image
+    if len(images) != len(nets):
+        raise KolorsError(
+            f"{len(images)} --control-image for {len(nets)} --controlnet; give one control image per ControlNet"
+        )
+    per_unit = {}
+    for option, default in (("scale", 0.7), ("preprocess", "none"), ("start", 0.0), ("end", 1.0)):
+        values = getattr(args, f"control_{option}")
+        if values and not nets:
+            raise KolorsError(f"--control-{option} was given without --controlnet")
+        if len(values) > 1 and len(values) != len(nets):
+            raise KolorsError(
+                f"{len(values)} --control-{option} for {len(nets)} --controlnet; give one, or one per ControlNet"
+            )
+        per_unit[option] = values * len(nets) if len(values) == 1 else values or [default] * len(nets)
+    return tuple(
+        ControlUnit(
+            model=net,
+            image=load_image(image),
+            scale=per_unit["scale"][k],
+            preprocess=per_unit["preprocess"][k],
+            start=per_unit["start"][k],
+            end=per_unit["end"][k],
+        )
+        for k, (net, image) in enumerate(zip(nets, images, strict=True))
+    )
+
+
+def parse_named_controlnet(text: str) -> tuple[str, str]:
+    """The server's NAME=PATH (a bare PATH is named by its folder or repo)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return text.rstrip("/").split("/")[-1], text
+    if not name.strip() or not path.strip():
+        raise KolorsError(f"--controlnet {text!r}: give NAME=PATH (a folder or hub repo)")
+    return name.strip(), path.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kolors", description="Kolors text-to-image, lean and exact.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its seed is seed + i), as kolors batch names them",
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_control_options(gen)
     dl = sub.add_parser("download", help="download a model into the Hugging Face cache (then usable offline)")
     dl.add_argument("model", nargs="?", default=DEFAULT_REPO)
     dl.add_argument("--variant", default=None, help="weight file variant (default: plain, else fp16)")
@@ -223,6 +284,12 @@ def add_serve_parser(sub) -> None:
     )
     srv.add_argument(
         "--queue-size", type=int, default=64, help="jobs that may wait; more get 429 (default: 64)"
+    )
+    srv.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        help="NAME=PATH: a ControlNet (folder or hub repo) requests may use by NAME; repeatable",
     )
     srv.add_argument("--max-width", type=int, default=2048)
     srv.add_argument("--max-height", type=int, default=2048)
@@ -427,6 +494,7 @@ def generate(args: argparse.Namespace) -> int:
         masked_content=args.masked_content,
         inpaint_padding=args.inpaint_padding,
         paste_back=args.paste_back,
+        controlnets=control_units(args),
     )
     request = request.validate().with_seed()
     seed = request.seed
@@ -496,10 +564,13 @@ def serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise KolorsError(f"port must be between 1 and 65535, not {args.port}")
     load_options = {k: v for k in LOAD_OPTIONS if (v := getattr(args, k, None)) is not None}
+    controlnets = [parse_named_controlnet(text) for text in args.controlnet]
     check_hub(args.model)
     pipe = KolorsPipeline.from_pretrained(
         args.model, dtype=args.dtype, device=args.device, variant=args.variant, **load_options
     )
+    for name, path in controlnets:  # requests name them; loaded before the port is taken
+        pipe.load_controlnet(path, name=name)
     run(pipe, config, host=args.host, port=args.port)
     return 0
 

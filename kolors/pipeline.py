@@ -23,11 +23,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kolors import masks, samplers
+from kolors.adapters import controlnet as control
 from kolors.adapters.lora import LoraSet, lora_short_hash
+from kolors.adapters.preprocess import preprocess
 from kolors.components import load_text_encoder, load_unet, load_vae, unet_files, vae_dtype
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
 from kolors.memory import PromptCache, parse_memory, prompt_cache_size
+from kolors.models.controlnet import ControlNetModel
 from kolors.models.layers import FAST_CPU_DTYPES
 from kolors.models.quant import parse_quant, quant_of
 from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig
@@ -35,7 +38,15 @@ from kolors.models.tokenizer import ChatGLMTokenizer
 from kolors.models.unet import UNet2DConditionModel, UNetConfig
 from kolors.models.vae import AutoencoderKL, VAEConfig, latent_preview, sample_latent
 from kolors.noise import randn
-from kolors.request import GenerationRequest, check_seed, check_size, check_values, lora_name, random_seed
+from kolors.request import (
+    GenerationRequest,
+    check_control,
+    check_seed,
+    check_size,
+    check_values,
+    lora_name,
+    random_seed,
+)
 from kolors.weights import DEFAULT_REPO, Checkpoint, check_model_folder, on_device, resolve_model
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -71,6 +82,16 @@ class _Region:
     soft_mask: Image.Image  # the (blurred) mask at the original image's size
     original: Image.Image
     crop: tuple[int, int, int, int] | None  # padding_mask_crop's box in the original
+
+
+class _ControlUnit:
+    """One ControlNet of a call: its model, control image rows on the device, scale and window."""
+
+    model: ControlNetModel
+    image: torch.Tensor
+    scale: float
+    start: float
+    end: float
 
 
 class StopSampling(Exception):
@@ -178,6 +199,8 @@ class KolorsPipeline:
             plain_weight=plain_weight,
             on_text_encoder_change=self.prompt_cache.clear,  # cached embeddings were made without it
         )
+        self.controlnets: dict[str, ControlNetModel] = {}  # by name, in load order
+        self._variant, self._pack = None, False  # how from_pretrained loaded the UNet: ControlNets load alike
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -198,12 +221,14 @@ class KolorsPipeline:
         prompt_cache: int | None = None,
         compile: bool = False,
         unet: str | os.PathLike | None = None,
+        controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
         `unet="file.safetensors"`: a community fine-tune's single-file UNet (diffusers or original SGM keys, any
         float dtype) in place of the model's own.
         `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.models.quant), experimental.
-        `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays."""
+        `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays.
+        `controlnet=`: a ControlNet folder or hub repo (or a list of them) loaded with the model (load_controlnet)."""
         text_encoder_quant = parse_quant(text_encoder_quant)
         memory = parse_memory(memory)
         prompt_cache_size(memory, prompt_cache)  # a bad size fails before the load
@@ -255,7 +280,7 @@ class KolorsPipeline:
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)
-        return cls(
+        pipe = cls(
             tokenizer,
             text_encoder,
             unet_model,
@@ -268,6 +293,11 @@ class KolorsPipeline:
             prompt_cache=prompt_cache,
             plain_weight=plain_weight,
         )
+        pipe._variant, pipe._pack = variant, pack
+        paths = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
+        for path in paths:
+            pipe.load_controlnet(path)
+        return pipe
 
     @property
     def label(self) -> str:
@@ -349,6 +379,115 @@ class KolorsPipeline:
     def unload_lora_weights(self) -> None:
         """Every LoRA gone: the base model again, bit for bit."""
         self.loras.unload()
+
+    # ------------------------------------------------------------------------------------------------ ControlNet
+
+    def load_controlnet(self, path_or_repo: str | os.PathLike, name: str | None = None) -> str:
+        """Load a Kolors ControlNet (a folder or hub repo in diffusers' ControlNetModel layout) beside the UNet;
+        returns its name (the folder's, unless given), by which a call's `controlnet=` picks it. One that is not
+        for this model (an SDXL ControlNet) is refused before its weights are read."""
+        name = name or control.controlnet_name(path_or_repo)
+        low = self.memory == "low" and self.device.type != "cpu"
+        model = control.load_controlnet(
+            path_or_repo,
+            self.unet.config,
+            dtype=self.dtype,
+            device="cpu" if low else self.device,
+            variant=self._variant,
+            pack=self._pack,
+        )
+        if name in self.controlnets and self.controlnets[name] in self._parked:
+            self._parked.remove(self.controlnets[name])
+        self.controlnets[name] = model
+        if low:
+            self._parked.append(model)  # visits the device with the UNet, for the denoising stage only
+        return name
+
+    def unload_controlnet(self, name: str | None = None) -> None:
+        """Forget one loaded ControlNet (all of them without a name)."""
+        for key in [name] if name is not None else list(self.controlnets):
+            model = self.controlnets.pop(self._controlnet_names([key])[0])
+            if model in self._parked:
+                self._parked.remove(model)
+
+    def _controlnet_names(self, names) -> list[str]:
+        known = ", ".join(self.controlnets) or "none loaded; load one with load_controlnet"
+        found = []
+        for name in names:
+            if name not in self.controlnets:
+                # A1111 names a model "name [hash]"; the name alone is enough here.
+                base = str(name).split(" [")[0]
+                if base not in self.controlnets:
+                    raise KolorsError(f"unknown ControlNet {name!r}; known: {known}")
+                name = base
+            found.append(name)
+        return found
+
+    def _prepare_control(
+        self,
+        control_image,
+        controlnet,
+        scale,
+        start,
+        end,
+        height: int,
+        width: int,
+        prompts: int,
+        n: int,
+        cfg: bool,
+        guess_mode: bool,
+    ) -> list[_ControlUnit]:
+        """Each ControlNet of the call with its control image rows on the device ((batch, 3, H, W) in [0, 1],
+        both guidance halves unless guess_mode), its scale and window, as diffusers' prepare_image makes them."""
+        if control_image is None:
+            if controlnet is not None:
+                raise KolorsError(
+                    "controlnet= was given without control_image=; pass one image per ControlNet"
+                )
+            return []
+        if not self.controlnets:
+            raise KolorsError(
+                "control_image was given but no ControlNet is loaded; load one with load_controlnet"
+            )
+        if controlnet is None:
+            names = list(self.controlnets)
+        else:
+            names = self._controlnet_names([controlnet] if isinstance(controlnet, str) else list(controlnet))
+        images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        multi = len(names) > 1 or (controlnet is not None and not isinstance(controlnet, str))
+        if not multi:
+            images = [images if len(images) > 1 else images[0]]  # one ControlNet: a list is a batch of images
+        if len(images) > len(names):
+            raise KolorsError(
+                f"{len(images)} control images for {len(names)} ControlNets ({', '.join(names)}); give one image "
+                "per ControlNet, or load more with load_controlnet"
+            )
+        if len(images) < len(names):
+            raise KolorsError(
+                f"{len(images)} control image(s) for {len(names)} ControlNets ({', '.join(names)}); give one each, "
+                "or pick the ControlNets with controlnet=[names]"
+            )
+        k = len(names)
+        scales = control.per_unit(scale, k, "controlnet_conditioning_scale")
+        starts = control.per_unit(start, k, "control_guidance_start")
+        ends = control.per_unit(end, k, "control_guidance_end")
+        units = []
+        for name, image, s, a, b in zip(names, images, scales, starts, ends, strict=True):
+            try:
+                check_control(s, a, b)
+            except KolorsError as e:
+                raise KolorsError(f"ControlNet {name}: {e}") from None
+            rows = self._load_image(image, height, width, normalize=False)
+            if rows.shape[0] != 1 and rows.shape[0] != prompts:
+                raise KolorsError(
+                    f"{rows.shape[0]} control images for ControlNet {name} and {prompts} prompt(s); give one image "
+                    "per ControlNet (a list per ControlNet only for a batch of prompts, one per prompt)"
+                )
+            rows = rows.repeat_interleave(prompts * n if rows.shape[0] == 1 else n, dim=0)
+            rows = rows.to(self.device, self.dtype)
+            rows = torch.cat([rows, rows]) if cfg and not guess_mode else rows
+            units.append(_ControlUnit(self.controlnets[name], rows, float(s), float(a), float(b)))
+        return units
 
     # ------------------------------------------------------------------------------------------------ prompts
 
@@ -447,6 +586,12 @@ class KolorsPipeline:
         mask_blur: float = 0,
         masked_content: str = "original",
         paste_back: bool = False,
+        control_image=None,
+        controlnet: str | Sequence[str] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 0.8,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> KolorsPipelineOutput:
         """Generate images. `seed=` (an int, or one int per image) is a CPU generator, so a seed gives the same
         image on any device. `sampler=None` is the model folder's own scheduler (Kolors': euler), `schedule=`
@@ -461,7 +606,16 @@ class KolorsPipeline:
         after each step. `padding_mask_crop=N` inpaints the box around the mask (padded by N pixels) at the full
         output size and pastes it back into the original. `mask_blur` blurs the mask first (pixels),
         `masked_content` is A1111's ("original", "fill", "latent noise", "latent nothing"), and `paste_back`
-        composites the original over the result outside the blurred mask (off, as diffusers)."""
+        composites the original over the result outside the blurred mask (off, as diffusers).
+
+        ControlNet (load one first, load_controlnet or from_pretrained(controlnet=)): `control_image` is one
+        image per ControlNet in use (a list for several; for one ControlNet, a list is one image per prompt),
+        resized to the output size, which it sets when neither an init image nor height/width do. `controlnet`
+        names the ControlNets to use (default: every loaded one, in load order); `controlnet_conditioning_scale`,
+        `control_guidance_start` and `_end` (fractions of the steps) are one value or one per ControlNet, as in
+        diffusers; `guess_mode` runs the ControlNets on the conditional half alone with scales rising from 0.1 to
+        1 over the skips. A step i of n uses a ControlNet unless i / n < start or (i + 1) / n > end, i being the
+        step whose sigma the sampler evaluates (for heun, the window is by that step, both evaluations alike)."""
         extra = set(cross_attention_kwargs or {}) - {"scale"}
         if extra:
             raise KolorsError(f"cross_attention_kwargs takes only 'scale', not {', '.join(sorted(extra))}")
@@ -470,6 +624,8 @@ class KolorsPipeline:
                 prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, sampler, schedule,
                 eta, generator, seed, num_images_per_prompt, image, strength, output_type, prompt_embeds, callback,
                 mask_image, padding_mask_crop, mask_blur, masked_content, paste_back,
+                (control_image, controlnet, controlnet_conditioning_scale, control_guidance_start,
+                 control_guidance_end, guess_mode),
             )  # fmt: skip
 
     def _call(
@@ -496,6 +652,7 @@ class KolorsPipeline:
         mask_blur=0,
         masked_content="original",
         paste_back=False,
+        control_args=(None, None, 0.8, 0.0, 1.0, False),
     ) -> KolorsPipelineOutput:
         cfg = guidance_scale > 1.0
         inpainting = mask_image is not None
@@ -550,6 +707,15 @@ class KolorsPipeline:
         # diffusers' image-to-image conditions on the requested size (default 1024x1024) even when the image,
         # which sets the output size, has another: kept, so the same call gives the same image.
         size_ids = (height or default_size, width or default_size)
+        control_image, guess_mode = control_args[0], control_args[5]
+        if image is None and control_image is not None and height is None and width is None:
+            # diffusers' ControlNet pipelines take the size of the (first) control image
+            first = control_image[0] if isinstance(control_image, (list, tuple)) else control_image
+            first = first[0] if isinstance(first, (list, tuple)) else first
+            first = load_image(first) if isinstance(first, (str, os.PathLike)) else first
+            h, w = (first.height, first.width) if isinstance(first, Image.Image) else _array_size(first)
+            f = self.vae_scale_factor
+            size_ids = (h - h % f, w - w % f)
         if image is None:
             height, width = size_ids
             check_size(width, height, multiple=max(8, self.vae_scale_factor))
@@ -571,6 +737,11 @@ class KolorsPipeline:
                 )
             init = self._load_image(image, height, width)
             height, width = init.shape[-2:]
+        units = self._prepare_control(
+            *control_args[:5], height, width, prompt_embeds.batch_size, num_images_per_prompt, cfg, guess_mode
+        )
+        if units:  # diffusers' ControlNet pipelines condition on the output size, image-to-image too
+            size_ids = (height, width)
         generator, seeds = _generators(generator, seed, batch)
 
         if image is not None:
@@ -613,7 +784,9 @@ class KolorsPipeline:
 
         extra = {"eta": eta} if plan.sampler == "ddim" else {}
         try:
-            with self._stage(self.unet):
+            with self._stage(self.unet), contextlib.ExitStack() as stack:
+                for unit in units:
+                    stack.enter_context(self._stage(unit.model))
                 denoise = self._denoiser(
                     prompt_embeds,
                     num_images_per_prompt,
@@ -622,6 +795,8 @@ class KolorsPipeline:
                     plan.timesteps,
                     size_ids,
                     extra_channels,
+                    units,
+                    guess_mode,
                 )
                 if steps:
                     noise = self._step_noise(generator, plan.sampler)
@@ -658,12 +833,18 @@ class KolorsPipeline:
         timesteps,
         size: tuple[int, int],
         extra_channels: torch.Tensor | None = None,
+        units: Sequence[_ControlUnit] = (),
+        guess_mode: bool = False,
     ):
         """The epsilon UNet as a denoiser x0(x, sigma) with classifier-free guidance: cond and uncond in one
         batched call, as diffusers does (uncond first). `extra_channels` (B, C, h, w) are appended to the scaled
         input (an inpainting UNet's mask and masked-image latents). A sigma is fed as diffusers' UNet timestep for it: that of
         the schedule's grid point, found on the host (a cursor makes a repeated sigma, DDIM's "trailing" -1 whose
-        sigma is also the first one's, the next occurrence)."""
+        sigma is also the first one's, the next occurrence).
+
+        Each ControlNet runs before the UNet at the steps its window keeps, on the same rows (the conditional
+        ones alone in guess mode, the others getting no residual), and the UNet adds the residuals' sum; at the
+        other steps it does not run at all (diffusers runs it with scale 0, which adds exact zeros)."""
         cfg = guidance_scale > 1.0
 
         def rows(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
@@ -679,7 +860,14 @@ class KolorsPipeline:
             pads = [p for p in embeds.pads for _ in range(n)]  # in the rows' order
             pads = [p for p in embeds.negative_pads for _ in range(n)] + pads if cfg else pads
         # Cross-attention keys and values depend on the text alone: computed here once, pads merged.
-        context = self.unet.prepare_context(context, pads=pads)
+        states = context
+        context = self.unet.prepare_context(states, pads=pads)
+        # In guess mode with guidance the ControlNets see the conditional rows alone (the second half).
+        half = pooled.shape[0] // 2 if guess_mode and cfg else 0
+        control_pads = pads[half:] if pads is not None else None
+        control_contexts = [u.model.prepare_context(states[half:], pads=control_pads) for u in units]
+        steps = len(timesteps)
+        keeps = [control.keep_window(u.start, u.end, steps) for u in units]
         # diffusers' size conditioning: original size, crop top-left (0, 0), target size.
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype, device=self.device)
         time_ids = time_ids.repeat(pooled.shape[0], 1)
@@ -695,10 +883,30 @@ class KolorsPipeline:
             i = grid.index(sigma)
             x_in = (x / math.sqrt(sigma**2 + 1)).to(self.dtype)
             x_in = torch.cat([x_in, x_in]) if cfg else x_in
-            if extra_channels is not None:
-                x_in = torch.cat([x_in, extra_channels], dim=1)
+            # An inpainting UNet's extra channels are its own: a ControlNet sees the latents alone, as in diffusers.
+            unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels], dim=1)
             t = t_device[i].expand(x_in.shape[0])
-            eps = self.unet(x_in, t, context, pooled, time_ids).float()
+            down, mid = None, None
+            for unit, unit_context, keep in zip(units, control_contexts, keeps, strict=True):
+                scale = unit.scale * keep[i]
+                if scale == 0.0:
+                    continue
+                d, m = unit.model(
+                    x_in[half:],
+                    t[half:],
+                    unit_context,
+                    pooled[half:],
+                    time_ids[half:],
+                    unit.image,
+                    scale,
+                    guess_mode,
+                )
+                down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+                mid = m if mid is None else mid + m
+            if down is not None and half:  # the unconditional rows get nothing (diffusers adds zeros)
+                down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+                mid = torch.cat([torch.zeros_like(mid), mid])
+            eps = self.unet(unet_in, t, context, pooled, time_ids, down, mid).float()
             if cfg:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
@@ -722,8 +930,11 @@ class KolorsPipeline:
 
         return noise
 
-    def _load_image(self, image, height: int | None, width: int | None) -> torch.Tensor:
-        """The init image(s) as a (N, 3, H, W) float32 tensor in [-1, 1], H and W multiples of the VAE's scale,
+    def _load_image(
+        self, image, height: int | None, width: int | None, normalize: bool = True
+    ) -> torch.Tensor:
+        """The init image(s) as a (N, 3, H, W) float32 tensor in [-1, 1] ([0, 1] without `normalize`: a control
+        image, as diffusers' control image processor leaves it), H and W multiples of the VAE's scale,
         as diffusers' VaeImageProcessor makes it: PIL images (or paths to them) resized with Lanczos; numpy arrays
         (HWC or NHWC) and torch tensors (CHW or NCHW) of floats in [0, 1] (already in [-1, 1] when negative values
         show it) resized nearest; a list of any of them is a batch."""
@@ -741,7 +952,8 @@ class KolorsPipeline:
                 im = im.convert("RGB")
                 im = im if (w, h) == im.size else im.resize((w, h), resample=Image.LANCZOS)
                 arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
-            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            return batch * 2.0 - 1.0 if normalize else batch
         if all(isinstance(i, np.ndarray) for i in images):
             batch = np.concatenate(images) if images[0].ndim == 4 else np.stack(images)
             if batch.ndim != 4 or batch.shape[-1] != 3:
@@ -766,6 +978,8 @@ class KolorsPipeline:
         _check_image_size(batch.shape[3], batch.shape[2], w, h, f)
         if (h, w) != tuple(batch.shape[2:]):
             batch = torch.nn.functional.interpolate(batch, size=(h, w))
+        if not normalize:
+            return batch
         return batch if batch.min() < 0 else batch * 2.0 - 1.0  # [0, 1] to [-1, 1]; negatives: already there
 
     def _encode_image(
@@ -917,6 +1131,7 @@ def generate(
         strength=request.strength,
         callback=callback,
         **inpainting(request),
+        **control_call(pipe, request),
     )
     return list(zip(out.images, out.seeds, strict=True))
 
@@ -931,6 +1146,31 @@ def inpainting(request: GenerationRequest) -> dict:
         mask_blur=request.mask_blur,
         masked_content=request.masked_content,
         paste_back=request.paste_back,
+    )
+
+
+def control_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
+    """The ControlNet keywords of a pipeline call for `request`'s units: each unit's model loaded if it is a
+    folder or repo not loaded yet (the CLI's; a server lets through only the names it loaded), its image
+    preprocessed, each image sized as the init image or the request."""
+    if not request.controlnets:
+        return {}
+    names = []
+    for unit in request.controlnets:
+        loaded = unit.model in pipe.controlnets or unit.model.split(" [")[0] in pipe.controlnets
+        names.append(unit.model if loaded else pipe.load_controlnet(unit.model))
+    images = []
+    for unit in request.controlnets:
+        image = load_image(unit.image) if isinstance(unit.image, str) else unit.image
+        images.append(
+            image if unit.preprocess == "none" else preprocess(unit.preprocess, image, **dict(unit.options))
+        )
+    return dict(
+        control_image=images,
+        controlnet=names,
+        controlnet_conditioning_scale=[u.scale for u in request.controlnets],
+        control_guidance_start=[u.start for u in request.controlnets],
+        control_guidance_end=[u.end for u in request.controlnets],
     )
 
 
@@ -981,6 +1221,17 @@ def _scheduler_config(root: Path) -> samplers.SchedulerConfig:
     if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
         data = {**data, "_class_name": entry[1]}
     return samplers.SchedulerConfig.from_json(data, source=str(root / "scheduler" / "scheduler_config.json"))
+
+
+def _array_size(image) -> tuple[int, int]:
+    """(height, width) of a numpy (HWC, NHWC) or torch (CHW, NCHW) image."""
+    if isinstance(image, np.ndarray):
+        return image.shape[-3], image.shape[-2]
+    if isinstance(image, torch.Tensor):
+        return image.shape[-2], image.shape[-1]
+    raise KolorsError(
+        f"control_image must be a PIL image, a path, a numpy array or a torch tensor, not {type(image).__name__}"
+    )
 
 
 def _check_image_size(width: int, height: int, w: int, h: int, f: int) -> None:

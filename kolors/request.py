@@ -55,6 +55,26 @@ class Limits:
 DEFAULT_LIMITS = Limits(max_width=2048, max_height=2048, max_steps=150, max_images=8)
 
 
+# Control image preprocessors (kolors.adapters.preprocess implements them), here so that the faces can list them.
+PREPROCESSORS = ("none", "canny", "depth", "openpose", "dwpose")
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a request: a loaded ControlNet's name (or a folder or hub repo for the CLI and Python
+    to load), its control image (made by `preprocess` from this image, or used as it is with "none"; a file path
+    is read when the request runs: batch jobs name files, a server never does), its weight and the fractions of
+    the steps where it acts. The default weight is Kolors' official sample's."""
+
+    model: str
+    image: Image.Image | str | None = field(default=None, compare=False, repr=False)
+    scale: float = 0.7
+    preprocess: str = "none"
+    start: float = 0.0
+    end: float = 1.0
+    options: tuple[tuple[str, float], ...] = ()  # the preprocessor's options, e.g. (("low_threshold", 50),)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -83,6 +103,7 @@ class GenerationRequest:
     paste_back: bool = True
     # (name, A1111 short hash) of each LoRA, filled in once the LoRAs are loaded: the image's `Lora hashes`
     lora_hashes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    controlnets: tuple[ControlUnit, ...] = ()  # ControlNets steering this request, in order
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """The one validation, before any model is loaded; returns the request itself."""
@@ -99,6 +120,7 @@ class GenerationRequest:
         check_seed(self.seed, self.num_images)
         check_loras(self.loras)
         check_inpaint(self)
+        check_controlnets(self.controlnets)
         return self
 
     def with_seed(self) -> GenerationRequest:
@@ -137,21 +159,81 @@ class GenerationRequest:
             fields.append(
                 f'Lora hashes: "{", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)}"'
             )
+        for i, unit in enumerate(self.controlnets):  # as sd-webui-controlnet records its units
+            fields.append(f'ControlNet {i}: "{control_infotext(unit)}"')
         # A1111 keeps each LoRA as a <lora:name:scale> tag in the prompt it records: the image reproduces there.
         tags = "".join(f" <lora:{lora_name(name)}:{scale:g}>" for name, scale in self.loras)
         return f"{self.prompt}{tags}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
 
     def as_dict(self) -> dict:
-        """The fields as plain data (the init image, the mask and the LoRAs' hashes left out)."""
-        return {name: getattr(self, name) for name in FIELDS if name not in ("image", "mask")}
+        """The fields as plain data (the init image, the mask, the control images and the LoRAs' hashes left
+        out)."""
+        data = {name: getattr(self, name) for name in FIELDS if name not in ("image", "mask")}
+        data["controlnets"] = [
+            {k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in self.controlnets
+        ]
+        return data
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name != "lora_hashes")
+# The request's scalar fields (the ControlNet units, with their images, travel apart: as_dict lists them).
+FIELDS = tuple(
+    f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("lora_hashes", "controlnets")
+)
 
 
 def lora_name(name_or_path: str) -> str:
     """A LoRA as A1111 names it: its file's stem (a loaded adapter's name stays as it is)."""
     return Path(name_or_path).stem if Path(name_or_path).suffix else str(name_or_path)
+
+
+def control_infotext(unit: ControlUnit) -> str:
+    """A ControlNet unit as sd-webui-controlnet writes it in an image's parameters (the control image is resized
+    to the output size: its "Just Resize")."""
+    options = dict(unit.options)
+    thresholds = (
+        [f"Threshold A: {float(options['low_threshold'])}, Threshold B: {float(options['high_threshold'])}"]
+        if {"low_threshold", "high_threshold"} <= set(options)
+        else []
+    )
+    return ", ".join(
+        [
+            f"Module: {unit.preprocess}",
+            f"Model: {controlnet_label(unit.model)}",
+            f"Weight: {unit.scale}",
+            "Resize Mode: Just Resize",
+            *([f"Processor Res: {options['resolution']}"] if "resolution" in options else []),
+            *thresholds,
+            f"Guidance Start: {unit.start}",
+            f"Guidance End: {unit.end}",
+            "Control Mode: Balanced",
+        ]
+    )
+
+
+def controlnet_label(model: str) -> str:
+    """A ControlNet as an image's parameters name it: a loaded one's name, or its folder's or repo's last part."""
+    return model.replace("\\", "/").rstrip("/").split("/")[-1] or model
+
+
+def check_controlnets(units) -> None:
+    """Each ControlNet unit: a model name, a control image, a known preprocessor, its weight and window."""
+    for i, unit in enumerate(units):
+        if not isinstance(unit, ControlUnit):
+            raise InvalidRequest(
+                "controlnets", f"ControlNet {i} must be a ControlUnit, not {type(unit).__name__}"
+            )
+        if not isinstance(unit.model, str) or not unit.model.strip():
+            raise InvalidRequest(
+                "controlnets", f"ControlNet {i} names no model; give a loaded ControlNet's name"
+            )
+        if not isinstance(unit.image, Image.Image) and not (isinstance(unit.image, str) and unit.image):
+            raise InvalidRequest("controlnets", f"ControlNet {i} ({unit.model}) has no control image")
+        if unit.preprocess not in PREPROCESSORS:
+            raise InvalidRequest(
+                "controlnets",
+                f"unknown preprocessor {unit.preprocess!r} for ControlNet {i}; choose one of: {', '.join(PREPROCESSORS)}",
+            )
+        check_control(unit.scale, unit.start, unit.end)
 
 
 def check_loras(loras) -> None:
@@ -257,6 +339,19 @@ def check_size(width: int, height: int, *, multiple: int = 8, limits: Limits | N
             )
         if limit is not None and value > limit:
             raise InvalidRequest(name, f"{name} {value} is over the limit of {limit} pixels")
+
+
+def check_control(scale: float, start: float, end: float, field: str = "controlnets") -> None:
+    """One ControlNet's weight (a finite number) and its window: the fractions of the steps where it acts."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidRequest(
+            field, f"ControlNet scale must be a finite number (0.7 is typical), not {scale!r}"
+        )
+    for name, value in (("start", start), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise InvalidRequest(field, f"ControlNet guidance {name} must be between 0 and 1, not {value!r}")
+    if start >= end:
+        raise InvalidRequest(field, f"ControlNet guidance start {start} must be below its end {end}")
 
 
 def check_seed(seed: int | None, count: int = 1) -> None:

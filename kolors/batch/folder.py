@@ -203,7 +203,12 @@ def _made_by(path: Path, spec: ImageSpec) -> str | None:
             text = im.text.get("parameters", "")
     except Exception:  # any decoding failure means: not a finished image of ours
         return None
-    expected = spec.infotext("")  # ends in ", Model: ": the model is the one field not known before loading
-    if not text.startswith(expected) or "\n" in text[len(expected) :]:
+    # The model is the one field not known before loading; the fields after it (strength, inpainting, ControlNet
+    # units) must all be there, beside those known only once made (LoRA hashes).
+    prefix, suffix = spec.infotext("\0").split("\0")
+    if not text.startswith(prefix) or "\n" in text[len(prefix) :]:
         return None
-    return text[len(expected) :]
+    model, _, after = text[len(prefix) :].partition(", ")
+    if suffix and not set(suffix.removeprefix(", ").split(", ")) <= set(after.split(", ")):
+        return None
+    return model

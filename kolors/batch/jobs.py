@@ -31,13 +31,15 @@ from tqdm.auto import tqdm
 
 from kolors.errors import KolorsError
 from kolors.pipeline import load_image
-from kolors.request import DEFAULT_LIMITS, FIELDS, GenerationRequest, Limits, check_size
+from kolors.request import DEFAULT_LIMITS, FIELDS, ControlUnit, GenerationRequest, Limits, check_size
 
-# A job's fields: the request's (its image and mask as file names), plus an id.
-JOB_FIELDS = ("id", *FIELDS)
+# A job's ControlNet: a ControlNet folder or repo, its control image file, weight and preprocessor.
+CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess")
+# A job's fields: the request's (its image and mask as file names), plus an id and its ControlNet.
+JOB_FIELDS = ("id", *FIELDS, *CONTROL_FIELDS)
 FILE_FIELDS = ("image", "mask")
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images", "inpaint_padding"}
-NUMBERS = {"guidance", "strength", "mask_blur"}
+NUMBERS = {"guidance", "strength", "mask_blur", "control_scale"}
 FLAGS = {"mask_invert", "paste_back"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
@@ -55,6 +57,7 @@ LATER_FIELDS = {
     "masked_content": "original",
     "inpaint_padding": None,
     "paste_back": True,
+    **dict.fromkeys(CONTROL_FIELDS),
 }
 # The fields every content key hashes; a later field joins the hash only when it differs from what older jobs
 # meant, so jobs that do not use it keep their files' names.
@@ -96,12 +99,32 @@ class ImageSpec:
         """What the images of one pipeline call must share."""
         r = self.request
         inpaint = (r.strength, r.mask_blur, r.mask_invert, r.masked_content, r.inpaint_padding, r.paste_back)
-        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras, self.files, inpaint)
+        return (
+            r.steps,
+            r.guidance,
+            r.sampler,
+            r.schedule,
+            r.width,
+            r.height,
+            r.loras,
+            self.files,
+            inpaint,
+            self.control,
+        )
+
+    @property
+    def control(self) -> tuple:
+        """The job's ControlNet fields (None each without one)."""
+        units = self.request.controlnets
+        if not units:
+            return (None,) * len(CONTROL_FIELDS)
+        return (units[0].model, units[0].image, units[0].scale, units[0].preprocess)
 
     @property
     def params(self) -> dict:
         """What the image's pixels depend on, besides the model."""
-        params = {k: getattr(self.request, k) for k in REQUEST_FIELDS}
+        control = dict(zip(CONTROL_FIELDS, self.control, strict=True))
+        params = {k: control[k] if k in control else getattr(self.request, k) for k in REQUEST_FIELDS}
         for name in FILE_FIELDS:
             entry = next((f for f in self.files if f[0] == name), None)
             params[name], params[f"{name}_hash"] = (entry[1], entry[2]) if entry else (None, None)
@@ -113,11 +136,19 @@ class ImageSpec:
         return dataclasses.replace(self.request, **images) if images else self.request
 
     def infotext(self, model: str) -> str:
-        return self.request.infotext(self.request.seed, model)
+        """The parameters its PNG carries (but for what is known only once it is made: LoRA hashes). A job
+        with an image has that image's size, rounded down to 8, as the pipeline makes it."""
+        if not self.files:
+            return self.request.infotext(self.request.seed, model)
+        request = self.loaded()
+        size = (request.image.width // 8 * 8, request.image.height // 8 * 8) if request.image else None
+        return request.infotext(request.seed, model, size=size)
 
     def row(self, model: str | None = None) -> dict:
         row = {"file": self.file, "id": self.id, "keyed_by": self.keyed_by, "line": self.line}
-        row = {**row, "index": self.index, **self.params}
+        # ControlNet fields only when the job has one: rows of other jobs stay as they were.
+        params = {k: v for k, v in self.params.items() if k not in CONTROL_FIELDS or v is not None}
+        row = {**row, "index": self.index, **params}
         return row if model is None else {**row, "model": model}
 
     @classmethod
@@ -126,7 +157,7 @@ class ImageSpec:
         rows from before `schedule` existed lack it (None, the sampler's own)."""
         values = {k: row.get(k, LATER_FIELDS[k]) if k in LATER_FIELDS else row[k] for k in REQUEST_FIELDS}
         values["loras"] = tuple((str(name), float(scale)) for name, scale in values["loras"])  # JSON lists
-        request = GenerationRequest(**values)
+        request = GenerationRequest(**_with_control(values))
         keyed_by = row.get("keyed_by", "id" if row["id"] is not None else "line")
         files = tuple((f, row[f], row.get(f"{f}_hash")) for f in FILE_FIELDS if row.get(f))
         return cls(row["file"], row["id"], row["line"], row["index"], request, keyed_by, files)
@@ -273,7 +304,8 @@ def _job_specs(
     if "mask" in values and "strength" not in record:
         values["strength"] = 0.9999  # inpainting's default, as the CLI's
     files, images = _read_files(values, base, limits)
-    GenerationRequest(**values, **images).validate(limits)  # the values as given, before a seed is derived
+    # the values as given, before a seed is derived
+    GenerationRequest(**_with_control(values), **images).validate(limits)
     del images  # read to check them; made from their files later
     key = (
         _file_key(job_id)
@@ -283,7 +315,7 @@ def _job_specs(
     n = values["num_images"]
     if values.get("seed") is None:
         values["seed"] = derived_seed(base_seed, key)
-    request = dataclasses.replace(GenerationRequest(**values), num_images=1)
+    request = dataclasses.replace(GenerationRequest(**_with_control(values)), num_images=1)
     keyed_by = "id" if job_id is not None else "content"
     return [
         ImageSpec(
@@ -297,6 +329,25 @@ def _job_specs(
         )
         for i in range(n)
     ]
+
+
+def _with_control(values: Mapping) -> dict:
+    """The request's fields of a job: its ControlNet fields as one ControlUnit."""
+    values = dict(values)
+    control = {k: values.pop(k, None) for k in CONTROL_FIELDS}
+    if control["controlnet"] is None:
+        if any(v is not None for v in control.values()):
+            raise KolorsError("control_image, control_scale and control_preprocess need a controlnet")
+        return values
+    if control["control_image"] is None:
+        raise KolorsError("controlnet needs a control_image (an image file)")
+    unit = ControlUnit(
+        control["controlnet"],
+        control["control_image"],
+        0.7 if control["control_scale"] is None else control["control_scale"],
+        control["control_preprocess"] or "none",
+    )
+    return {**values, "controlnets": (unit,)}
 
 
 def _read_files(values: dict, base: Path, limits: Limits | None) -> tuple[tuple, dict]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kolors.batch.jobs import ImageSpec
-from kolors.pipeline import KolorsPipeline, inpainting, lora_hashes
+from kolors.pipeline import KolorsPipeline, control_call, inpainting, lora_hashes
 from kolors.request import save_png
 
 
@@ -53,5 +53,6 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
         seed=[r.seed for r in requests],
         output_type=output_type,
         **(dict(image=start.image, strength=start.strength, **inpainting(start)) if start else {}),
+        **control_call(pipe, first),  # one ControlNet and control image per group (batches groups by them)
     )
     return out.images

@@ -578,11 +578,15 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: Tensor | ContextCache,
         text_embeds: Tensor,
         time_ids: Tensor,
+        down_residuals: list[Tensor] | None = None,
+        mid_residual: Tensor | None = None,
     ) -> Tensor:
         """Epsilon prediction (B, out_channels, h, w) for latents `sample` (B, in_channels, h, w) at
         `timestep` ((B,) or 0-dim); `encoder_hidden_states` are the text states (B, T, encoder_hid_dim)
         before `encoder_hid_proj`, or their `prepare_context` cache; `text_embeds` (B, encoder_hid_dim) is
-        the pooled text, `time_ids` (B, 6)."""
+        the pooled text, `time_ids` (B, 6). `down_residuals` (one per skip) and `mid_residual` are a
+        ControlNet's, added to the skips and the mid output as diffusers' down_block_additional_residuals and
+        mid_block_additional_residual are."""
         temb = self.embed_time(sample, timestep, text_embeds, time_ids)
         context = encoder_hidden_states
         if not isinstance(context, ContextCache):  # all T keys, exactly diffusers' computation
@@ -594,7 +598,11 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips += block_skips
+        if down_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         x = self.mid_block(x, temb, context)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from kolors.request import A1111_NAMES, SAMPLERS
+from kolors.serve.control import a1111_control_units
 from kolors.serve.http import A1111_ERRORS, error_docs, require_key
 from kolors.serve.schemas import (
     A1111_SCHEDULES,
@@ -58,7 +59,12 @@ async def respond(request: Request, body, calls, parameters: dict) -> A1111Respo
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
     """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string."""
     body.refuse_unsupported(model(request).answers_to)
-    calls = a1111_calls(body, config(request), model(request).native_size, loras=request.app.state.loras)
+    cfg, native = config(request), model(request).native_size
+    size = (body.width or native, body.height or native)
+    units = await run_in_threadpool(
+        a1111_control_units, body.alwayson_scripts, size, cfg, request.app.state.controlnets
+    )
+    calls = a1111_calls(body, cfg, native, loras=request.app.state.loras, controlnets=units)
     return await respond(request, body, calls, body.model_dump())
 
 
@@ -87,9 +93,10 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
                 mask = decode_mask(
                     decode_base64(body.mask, cfg, "mask"), cfg, "mask", transparent_edits=False
                 )
-            return image, mask
+            names = request.app.state.controlnets
+            return image, mask, a1111_control_units(body.alwayson_scripts, image.size, cfg, names)
 
-    image, mask = await run_in_threadpool(work)
+    image, mask, units = await run_in_threadpool(work)
     calls = a1111_calls(
         body,
         cfg,
@@ -98,6 +105,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
         body.denoising_strength,
         loras=request.app.state.loras,
         mask=mask,
+        controlnets=units,
     )
     parameters = body.model_dump()
     if not body.include_init_images:

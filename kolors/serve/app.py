@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from kolors.errors import KolorsError
-from kolors.serve import a1111, openai, web
+from kolors.serve import a1111, control, openai, web
 from kolors.serve.http import BodyLimit, Guard, add_error_handlers
 from kolors.serve.jobs import JobQueue
 from kolors.serve.schemas import ServerConfig, lora_files
@@ -81,11 +81,12 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     )
     app.state.preview = pipes[0].preview
     app.state.loras = lora_files(config.lora_dir)
+    app.state.controlnets = list(getattr(pipes[0], "controlnets", {}))  # loaded before the server started
     add_error_handlers(app)
     # base64 makes an upload 4/3 larger; the rest of a request is small.
     app.add_middleware(BodyLimit, max_bytes=math.ceil(config.max_upload_bytes * 4 / 3) + 2**20)
     app.add_middleware(Guard, api_key=config.api_key, allowed_hosts=config.allowed_hosts)  # outermost
-    for routes in (a1111.router, openai.router, web.router):
+    for routes in (a1111.router, control.router, openai.router, web.router):
         app.include_router(routes)
     if DOCS_ASSETS:
         add_offline_docs(app)

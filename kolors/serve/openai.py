@@ -14,6 +14,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from kolors.request import MASKED_CONTENT, MAX_SEED, GenerationRequest
+from kolors.serve.control import openai_control_units
 from kolors.serve.http import OPENAI_ERRORS, error_docs, require_key
 from kolors.serve.schemas import (
     MAX_PROMPT_CHARS,
@@ -72,11 +73,15 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
     native = model(request).native_size
     size = parse_size(body.size, (native, native), config(request))
     fields = {"prompt", "n", "negative_prompt", "seed", "steps", "guidance_scale", "sampler", "schedule"}
+    units = await run_in_threadpool(
+        openai_control_units, body.controlnet, size, config(request), request.app.state.controlnets
+    )
     call = openai_call(
         config(request),
         size=size,
         lora_list=body.loras,
         loras=request.app.state.loras,
+        controlnets=units,
         **body.model_dump(include=fields),
     )
     return await respond(request, call, body.response_format)

@@ -144,7 +144,7 @@ class A1111Request(BaseModel):
     tiling: bool | None = Field(None, description="tiling: not supported, must be false")
     script_name: str | None = Field(None, description="scripts: not supported, must be empty")
     alwayson_scripts: dict[str, Any] | None = Field(
-        None, description="extensions (ControlNet, ...): not supported, must be empty"
+        None, description="extensions: only ControlNet (sd-webui-controlnet's units in args)"
     )
     override_settings: dict[str, Any] | None = Field(
         None, description="only sd_model_checkpoint is read: it must name the served model"
@@ -157,12 +157,16 @@ class A1111Request(BaseModel):
             "restore_faces": "face restoration is not supported; leave restore_faces false",
             "tiling": "tiling is not supported; leave tiling false",
             "script_name": "scripts are not supported; leave script_name empty",
-            "alwayson_scripts": "extensions (ControlNet, ADetailer, ...) are not supported; send no "
-            "alwayson_scripts",
         }
         for name, message in refused.items():
             if getattr(self, name):
                 raise RequestError(name, message)
+        for key in self.alwayson_scripts or {}:
+            if key.lower() != "controlnet":
+                raise RequestError(
+                    f"alwayson_scripts.{key}",
+                    "extensions other than ControlNet (ADetailer, ...) are not supported; send only ControlNet",
+                )
         wanted = (self.override_settings or {}).get("sd_model_checkpoint")
         if wanted and not answers_to(str(wanted)):
             raise RequestError(
@@ -209,6 +213,20 @@ class LoraChoice(BaseModel):
     scale: float = Field(1.0, ge=0, le=10, allow_inf_nan=False)
 
 
+class OpenAIControlNet(BaseModel):
+    """One ControlNet of an OpenAI request (Kolors' extension field)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str = Field(
+        min_length=1, description="a ControlNet this server loaded (GET /controlnet/model_list)"
+    )
+    image: str = Field(min_length=1, description="the control image, base64")
+    scale: float = Field(0.7, ge=0, le=10)
+    preprocess: str = Field("none", description="none, canny, depth, openpose or dwpose")
+    start: float = Field(0.0, ge=0, le=1)
+    end: float = Field(1.0, ge=0, le=1)
+
+
 class OpenAIImageRequest(BaseModel):
     """OpenAI's images/generations body, plus Kolors' own fields."""
 
@@ -234,6 +252,9 @@ class OpenAIImageRequest(BaseModel):
     )
     schedule: str | None = Field(None, description="karras or exponential; absent: the sampler's own")
     loras: list[LoraChoice] | None = Field(None, description="LoRAs from the server's --lora-dir, by name")
+    controlnet: list[OpenAIControlNet] | None = Field(
+        None, description="ControlNets this server loaded, each with its control image"
+    )
 
 
 class OpenAIImage(BaseModel):
@@ -441,6 +462,7 @@ def fit_init_image(
 
 
 A1111_FIELDS = {
+    "controlnets": "alwayson_scripts.ControlNet",
     "guidance": "cfg_scale",
     "num_images": "batch_size",
     "sampler": "sampler_name",
@@ -452,6 +474,7 @@ A1111_INPAINT_FIELDS = {
     "mask_invert": "inpainting_mask_invert",
 }
 OPENAI_FIELDS = {
+    "controlnets": "controlnet",
     "guidance": "guidance_scale",
     "loras": "loras",
     "num_images": "n",
@@ -468,6 +491,7 @@ def a1111_calls(
     strength: float = 0.3,
     loras: dict[str, Path] | None = None,
     mask: Image.Image | None = None,
+    controlnets: tuple = (),
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
     inpaint = {}
@@ -499,6 +523,7 @@ def a1111_calls(
         strength=strength,
         loras=prompt_loras,
         **inpaint,
+        controlnets=controlnets,
     )
     job = checked(job, config, {**A1111_FIELDS, **A1111_INPAINT_FIELDS, "strength": "denoising_strength"})
     call = replace(job, num_images=body.batch_size)
@@ -560,6 +585,7 @@ def openai_call(
     strength: float = 0.3,
     lora_list: list | None = None,
     loras: dict[str, Path] | None = None,
+    controlnets: tuple = (),
     **inpaint,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
@@ -582,5 +608,6 @@ def openai_call(
         strength=strength,
         loras=chosen,
         **inpaint,  # mask, mask_blur, masked_content, inpaint_padding, paste_back (edits)
+        controlnets=controlnets,
     )
     return checked(request, config, OPENAI_FIELDS)

@@ -11,6 +11,7 @@ let busy = false;
 let interrupted = false; // the user pressed Interrupt during the current request
 let run = 0; // counts requests, so a poller left over from the last one stops
 let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
+let controlImage = null; // data: URL of the ControlNet's image, sent as sd-webui-controlnet's unit image
 
 // ---- talking to the server ----
 
@@ -114,6 +115,19 @@ function buildRequest() {
       // A1111's inpaint fields: the whole picture, the original content under the mask, a soft edge.
       Object.assign(body, { mask: maskPNG(), mask_blur: 4, inpainting_fill: 1, inpaint_full_res: false });
     }
+  }
+  if (controlImage && $("control-model").value) {
+    // One unit as sd-webui-controlnet's API takes it; the server resizes the image to the output size.
+    const unit = {
+      enabled: true,
+      model: $("control-model").value,
+      module: $("control-module").value,
+      weight: Number($("control-scale").value),
+      image: controlImage,
+      resize_mode: "Just Resize",
+      control_mode: "Balanced",
+    };
+    body.alwayson_scripts = { ControlNet: { args: [unit] } };
   }
   return body;
 }
@@ -331,6 +345,54 @@ function maskPNG() {
   return out.toDataURL("image/png");
 }
 
+// ---- ControlNet ----
+
+function readControlImage(file) {
+  showError("");
+  if (!file) return clearControl();
+  const reader = new FileReader();
+  reader.onload = () => {
+    controlImage = reader.result;
+    $("control-box-images").hidden = false;
+    showControlPreview();
+  };
+  reader.readAsDataURL(file);
+}
+
+// The preprocessor's map of the control image, from the server's /controlnet/detect.
+async function showControlPreview() {
+  if (!controlImage) return;
+  const module = $("control-module").value;
+  if (module === "none") {
+    $("control-preview").src = controlImage;
+    return;
+  }
+  try {
+    const r = await api("controlnet/detect", {
+      method: "POST",
+      body: { controlnet_module: module, controlnet_input_images: [controlImage] },
+    });
+    $("control-preview").src = `data:image/png;base64,${r.images[0]}`;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+function clearControl() {
+  controlImage = null;
+  $("control-image").value = "";
+  $("control-preview").removeAttribute("src");
+  $("control-box-images").hidden = true;
+}
+
+async function loadControlNets() {
+  const models = (await api("controlnet/model_list")).model_list || [];
+  $("control-box").hidden = !models.length;
+  $("control-model").replaceChildren(...models.map((m) => new Option(m, m)));
+  const modules = (await api("controlnet/module_list")).module_list || ["none"];
+  $("control-module").replaceChildren(...modules.map((m) => new Option(m, m)));
+}
+
 // ---- gallery ----
 
 // The PNG bytes exactly as the server sent them, so the download keeps the `parameters` text chunk.
@@ -432,6 +494,7 @@ async function loadServerInfo() {
   try {
     fillSamplers(await api("sdapi/v1/samplers"));
     fillLoras(await api("sdapi/v1/loras"));
+    await loadControlNets();
   } catch (e) {
     showError(e.message);
   }
@@ -496,6 +559,10 @@ function init() {
   $("mask-canvas").addEventListener("pointercancel", endStroke);
   $("invert-mask").addEventListener("click", invertMask);
   $("clear-mask").addEventListener("click", clearMask);
+  $("control-image").addEventListener("change", () => readControlImage($("control-image").files[0]));
+  $("control-module").addEventListener("change", showControlPreview);
+  $("clear-control").addEventListener("click", clearControl);
+  $("control-scale").addEventListener("input", () => ($("control-scale-value").value = Number($("control-scale").value).toFixed(2)));
   $("generate-form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
