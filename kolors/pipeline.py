@@ -84,6 +84,7 @@ class _Region:
     crop: tuple[int, int, int, int] | None  # padding_mask_crop's box in the original
 
 
+@dataclass(frozen=True)
 class _ControlUnit:
     """One ControlNet of a call: its model, control image rows on the device, scale and window."""
 
