@@ -171,15 +171,16 @@ def diffusion_loss(
     float32, the mean over the batch; with `min_snr_gamma`, each image weighted min(SNR, gamma) / SNR (Hang et al.
     2023). `pads` (each caption's left pad count) lets the cross-attention merge the pad keys: the same function,
     fewer keys (kolors.models.unet)."""
-    acp = alphas_cumprod.to(latents.device)[timesteps].float()
-    a, s = acp.sqrt()[:, None, None, None], (1 - acp).sqrt()[:, None, None, None]
     dtype = unet.conv_in.weight.dtype
-    noisy = (a * latents.float() + s * noise.float()).to(dtype)
+    acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 model (tests)
+    acp = alphas_cumprod.to(latents.device)[timesteps].to(acc)
+    a, s = acp.sqrt()[:, None, None, None], (1 - acp).sqrt()[:, None, None, None]
+    noisy = (a * latents.to(acc) + s * noise.to(acc)).to(dtype)
     context = (
         unet.prepare_context(embeds.to(dtype), pads=list(pads)) if pads is not None else embeds.to(dtype)
     )
     pred = unet(noisy, timesteps, context, pooled.to(dtype), time_ids.to(dtype))
-    per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_image = F.mse_loss(pred.to(acc), noise.to(acc), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
         snr = acp / (1 - acp)
         per_image = per_image * snr.clamp(max=min_snr_gamma) / snr
