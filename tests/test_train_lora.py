@@ -48,6 +48,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------ parity
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread here: the steps are tiny, and on a loaded machine two threads' OpenMP barriers cost
+    this file minutes of waiting (measured: the ten AdamW steps took 160 s with two, 2 s of CPU with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def unets(tiny_model_dir):
     """Ours with TrainableLora and diffusers' with PEFT's LoraConfig(init_lora_weights="gaussian"), same weights."""
@@ -196,7 +206,7 @@ def test_ten_adamw_steps_follow_peft(unets, schedules):
         for p in (list(lora.parameters()), peft_params(theirs))
     ]
     for step in range(10):
-        x = a_batch(100 + step)
+        x = a_batch(100 + step, b=1)
         losses = []
         computes = (lambda x=x: our_loss(ours, alphas, x), lambda x=x: their_loss(theirs, scheduler, x))
         for opt, compute in zip(opts, computes, strict=True):
@@ -233,7 +243,7 @@ def write_images(folder: Path, n: int = 4, seed: int = 0, captions: bool = True)
 
 
 def config(data: Path, out: Path, model: Path, **kw) -> TrainConfig:
-    base = dict(model=model, rank=4, alpha=4, steps=6, lr=1e-2, resolution=64, batch_size=2, save_every=2,
+    base = dict(model=model, rank=4, alpha=4, steps=6, lr=1e-2, resolution=64, batch_size=1, save_every=2,
                 device="cpu", progress=False)  # fmt: skip
     return TrainConfig(data, out, **{**base, **kw})
 
