@@ -344,8 +344,12 @@ def test_two_processes_equal_one_with_twice_the_batch(data, tiny_model_dir, tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     assert main([*args, "-o", str(tmp_path / "one"), "--batch-size", "2"]) == 0
     a, b = (load_file(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("ddp", "one"))
+    # Adam divides each gradient by its running size, so an element whose gradient is near zero moves by about
+    # +-lr whatever the sign of its rounding noise: a few elements differ by up to lr / 2, the rest to 1e-5.
+    loose = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a) / sum(v.numel() for v in a.values())
+    assert loose < 0.01, loose
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=5e-4)
     la, lb = ([float(r["loss"]) for r in read_log(tmp_path / d)] for d in ("ddp", "one"))
     np.testing.assert_allclose(la, lb, rtol=1e-4)
 
