@@ -405,13 +405,19 @@ def test_bad_settings_are_one_clear_error(tmp_path, kw, message):
         config(tmp_path, tmp_path / "o", tmp_path, **kw).check()
 
 
-def test_a_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path, tiny_model_dir):
+def test_a_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path, tiny_model_dir, capsys):
+    """Through the CLI: the warning is one line, the run goes on with the readable images."""
     folder = write_images(tmp_path / "d", n=2)
     (folder / "broken.png").write_bytes(b"not an image at all")
     (folder / "broken.txt").write_text("broken")
-    with pytest.warns(UserWarning, match=r"skipped 1 of 3 images that could not be read: broken.png"):
-        train_lora(config(folder, tmp_path / "o", tiny_model_dir, steps=1))
-    assert len(read_log(tmp_path / "o")) == 1
+    out = tmp_path / "o"
+    args = ["train-lora", str(folder), "--model", str(tiny_model_dir), "-o", str(out), "--steps", "1",
+            "--resolution", "64", "--rank", "4", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "kolors: warning: skipped 1 of 3 images that could not be read: broken.png" in captured.err
+    assert captured.out.strip() == str(out / "pytorch_lora_weights.safetensors")
+    assert len(read_log(out)) == 1
 
 
 def test_resume_with_other_settings_names_them_and_a_used_output_is_kept(
