@@ -289,9 +289,11 @@ def add_train_lora_parser(sub) -> None:
         help="UNet modules to train (default: to_q to_k to_v to_out.0, the official script's)",
     )
     t.add_argument("--train-text-encoder", action="store_true", help="(not implemented yet)")
-    t.add_argument("--class-dir", default=None, help="prior preservation images (not implemented yet)")
-    t.add_argument("--class-prompt", default=None, help="(not implemented yet)")
-    t.add_argument("--prior-loss-weight", type=float, default=0.7)
+    t.add_argument("--class-dir", default=None, help="prior preservation: a folder of class images")
+    t.add_argument("--class-prompt", default=None, help="prior preservation: the class images' prompt")
+    t.add_argument(
+        "--prior-loss-weight", type=float, default=0.7, help="the class loss's weight (default: 0.7)"
+    )
     t.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR loss weighting, e.g. 5")
     t.add_argument("--noise-offset", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")

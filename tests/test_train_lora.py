@@ -405,6 +405,23 @@ def test_bad_settings_are_one_clear_error(tmp_path, kw, message):
         config(tmp_path, tmp_path / "o", tmp_path, **kw).check()
 
 
+def test_prior_preservation_adds_the_weighted_class_loss(data, tiny_model_dir, tmp_path):
+    """The class batch has its own order and draws: at weight 0 the run is exactly the run without it."""
+    classes = write_images(tmp_path / "classes", n=2, seed=9, captions=False)
+    runs = {}
+    for name, kw in {"none": {}, "zero": dict(prior_loss_weight=0.0), "prior": {}}.items():
+        if name != "none":
+            kw = dict(class_dir=classes, class_prompt="a photo", **kw)
+        train_lora(config(data, tmp_path / name, tiny_model_dir, steps=2, save_every=2, **kw))
+        runs[name] = load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(runs["none"][k], runs["zero"][k]) for k in runs["none"])
+    assert any(not torch.equal(runs["none"][k], runs["prior"][k]) for k in runs["none"])
+    losses = {n: float(read_log(tmp_path / n)[0]["loss"]) for n in runs}
+    assert losses["zero"] == losses["none"] < losses["prior"]  # subject loss + 0.7 x class loss
+    with pytest.raises(KolorsError, match="needs both a folder of class images"):
+        config(data, tmp_path / "x", tiny_model_dir, class_dir=classes).check()
+
+
 def test_a_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path, tiny_model_dir, capsys):
     """Through the CLI: the warning is one line, the run goes on with the readable images."""
     folder = write_images(tmp_path / "d", n=2)

@@ -129,9 +129,9 @@ class TrainConfig:
                 "training the text encoder's LoRA is not implemented yet; train the UNet's LoRA alone "
                 "(drop --train-text-encoder)"
             )
-        if self.class_dir is not None or self.class_prompt is not None:
+        if (self.class_dir is None) != (self.class_prompt is None) or self.class_prompt == "":
             raise KolorsError(
-                "prior preservation (--class-dir, --class-prompt) is not implemented yet; drop both options"
+                "prior preservation needs both a folder of class images (class_dir) and their prompt (class_prompt)"
             )
         if self.caption is not None and not self.caption.strip():
             raise KolorsError("caption is empty; give a caption or leave it out to use the .txt files")
@@ -294,8 +294,10 @@ class _Captions:
 
 def _encode_texts(tokenizer, text_encoder, texts: Sequence[str], device) -> _Captions:
     embeds, pooled, pads = [], [], []
-    for i in range(0, len(texts), 8):
-        tokens = tokenizer(list(texts[i : i + 8]), max_length=MAX_TOKENS)
+    # One text per call: a caption's embedding is then the same bits whatever other captions the data set has
+    # (a batched call rounds differently with its other rows), so runs agree that share a caption.
+    for text in texts:
+        tokens = tokenizer([text], max_length=MAX_TOKENS)
         with torch.inference_mode():
             e, p = text_encoder(
                 tokens.input_ids.to(device), tokens.attention_mask.to(device), tokens.position_ids.to(device)
@@ -361,6 +363,11 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     global_batch = config.batch_size * world
 
     examples = read_folder(config.data_dir, config.caption)
+    prior = (
+        None
+        if config.class_dir is None
+        else read_folder(config.class_dir, config.class_prompt, "class images")
+    )
     state = None
     if config.resume is not None:
         state = read_state(Path(config.resume).expanduser())
@@ -386,7 +393,7 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     text_encoder = load_text_encoder(
         root / "text_encoder", dtype=dtype, device=device, variant=config.variant
     )
-    texts = sorted({e.caption for e in examples})
+    texts = sorted({e.caption for e in examples} | ({config.class_prompt} if prior else set()))
     captions = _encode_texts(tokenizer, text_encoder, texts, device)
     samples = None
     if config.sample_prompt:
@@ -411,6 +418,10 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         cache = cache_latents(
             examples, lambda px: vae.encode(px.to(device, vdtype)), config.resolution, config.flip
         )
+        if prior is not None:
+            prior = cache_latents(
+                prior, lambda px: vae.encode(px.to(device, vdtype)), config.resolution, config.flip
+            )
     scaling = vae.config.scaling_factor
     if samples is None:
         del vae
@@ -440,6 +451,9 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
     order = DataOrder(cache.buckets, global_batch, config.seed)
+    # Prior preservation (DreamBooth): each micro-batch of the subject's images has one of class images beside it,
+    # in its own order and with its own draws, its loss weighted by prior_loss_weight.
+    prior_order = None if prior is None else DataOrder(prior.buckets, global_batch, config.seed + 1)
 
     log_path = out / LOG_FILE
     if main:
@@ -481,9 +495,13 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         total = torch.zeros((), dtype=torch.float64)
         for a in range(config.grad_accum):
             micro = step * config.grad_accum + a
-            mine = order(micro)[rank * config.batch_size : (rank + 1) * config.batch_size]
-            total += _micro_step(config, unet, cache, captions, caption_index, mine, micro, rank, global_batch,
-                                 alphas_cumprod, scaling, device)  # fmt: skip
+            share = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+            total += _micro_step(config, unet, cache, captions, caption_index, order(micro)[share], micro, rank,
+                                 global_batch, alphas_cumprod, scaling, device)  # fmt: skip
+            if prior_order is not None:
+                total += _micro_step(config, unet, prior, captions, caption_index, prior_order(micro)[share],
+                                     micro, rank, global_batch, alphas_cumprod, scaling, device,
+                                     weight=config.prior_loss_weight, stream=1)  # fmt: skip
         if world > 1:
             _average_gradients(params, world)
             dist.all_reduce(total)
@@ -516,10 +534,11 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
 
 
 def _micro_step(config, unet, cache: LatentCache, captions: _Captions, caption_index, mine, micro, rank,
-                global_batch, alphas_cumprod, scaling, device) -> Tensor:  # fmt: skip
-    """Forward and backward of this process's share of one micro-batch; returns its loss."""
+                global_batch, alphas_cumprod, scaling, device, weight: float = 1.0, stream: int = 0) -> Tensor:  # fmt: skip
+    """Forward and backward of this process's share of one micro-batch; returns its loss times `weight`.
+    `stream` 1 draws the class images' random numbers, apart from the subject's."""
     shape = cache.mean[mine[0]].shape[1:]
-    draws = step_draws(config.seed, micro, global_batch, shape)
+    draws = step_draws(config.seed + 7_777_777 * stream, micro, global_batch, shape)
     rows = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
     flips = [(draws["flip"][j] < 0.5).item() and config.flip for j in range(global_batch)][rows]
     mean = torch.stack([cache.mean[i][int(f)] for i, f in zip(mine, flips, strict=True)])
@@ -542,5 +561,5 @@ def _micro_step(config, unet, cache: LatentCache, captions: _Captions, caption_i
         pads=[captions.pads[j] for j in which],
         min_snr_gamma=config.min_snr_gamma,
     )
-    (loss / config.grad_accum).backward()
-    return loss.detach().double().cpu()
+    (loss * weight / config.grad_accum).backward()
+    return loss.detach().double().cpu() * weight
