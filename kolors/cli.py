@@ -288,7 +288,11 @@ def add_train_lora_parser(sub) -> None:
         metavar="MODULE",
         help="UNet modules to train (default: to_q to_k to_v to_out.0, the official script's)",
     )
-    t.add_argument("--train-text-encoder", action="store_true", help="(not implemented yet)")
+    t.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="also a LoRA on ChatGLM's query_key_value (the text encoder then stays in memory)",
+    )
     t.add_argument("--class-dir", default=None, help="prior preservation: a folder of class images")
     t.add_argument("--class-prompt", default=None, help="prior preservation: the class images' prompt")
     t.add_argument(

@@ -300,6 +300,36 @@ def test_the_trained_lora_loads_in_kolors_and_diffusers_alike(trained, tiny_mode
     assert_close(ours(**call, generator=torch.Generator().manual_seed(3)).images, mine, tol=1e-5)
 
 
+def test_a_text_encoder_lora_trains_and_loads_as_peft_reads_it(
+    data, tiny_model_dir, reference_pipeline, tmp_path
+):
+    """--train-text-encoder: ChatGLM's query_key_value pairs join the UNet's in the file (as the official script's
+    PEFT adapter); kolors' loader gives the image diffusers gives with PEFT on its text encoder (the official
+    inference's way: diffusers' load_lora_weights reads CLIP text encoders only) and the UNet pairs loaded."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    out = tmp_path / "te"
+    train_lora(config(data, out, tiny_model_dir, steps=3, lr=5e-2, train_text_encoder=True))
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    te = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
+    assert len(te) == 2 * 3 and all("query_key_value" in k for k in te)  # three layers, A and B
+    assert all(v.abs().max() > 0 for k, v in te.items() if "lora_B" in k)  # trained
+    call = dict(
+        prompt="a photo of thing number 1", height=64, width=64, num_inference_steps=2, output_type="np"
+    )
+    ours = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    ours.set_progress_bar_config(disable=True)
+    ours.load_lora_weights(out / "pytorch_lora_weights.safetensors")
+    ref = copy.deepcopy(reference_pipeline)
+    ref.load_lora_weights({k: v for k, v in state.items() if k.startswith("unet.")})
+    inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["query_key_value"]), ref.text_encoder
+    )
+    set_peft_model_state_dict(ref.text_encoder, te)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert_close(ours(**call, generator=gen()).images, ref(**call, generator=gen()).images)
+
+
 KILLED_RUN = """
 import os, signal, sys, torch
 torch.set_num_threads({threads})
@@ -397,7 +427,6 @@ def test_bad_folders_are_one_clear_error(tmp_path, tiny_model_dir, capsys):
         (dict(rank=0), "rank must be a whole number >= 1"),
         (dict(lr_schedule="linear"), "unknown lr_schedule"),
         (dict(lr=-1.0), "lr must be a number > 0"),
-        (dict(train_text_encoder=True), "not implemented yet"),
     ],
 )
 def test_bad_settings_are_one_clear_error(tmp_path, kw, message):

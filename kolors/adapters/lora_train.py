@@ -9,6 +9,7 @@ kolors.adapters.lora and diffusers' `load_lora_weights` read: `<component>.<modu
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -120,14 +121,11 @@ class TrainableLora(nn.Module):
             state[f"{self.component}.{name}.lora_B.weight"] = up.detach().float().cpu().contiguous()
         return state
 
-    def metadata(self) -> dict[str, str]:
-        """The safetensors header diffusers' save_lora_weights writes: the LoraConfig per component, which
-        diffusers' loader passes to LoraConfig(**…) and kolors' reads the alpha from."""
-        import json
-
+    def adapter_config(self) -> dict:
+        """This component's LoraConfig as diffusers' save_lora_weights packs it into the file's header
+        (`unet.r`, `unet.lora_alpha`, …): diffusers' loader passes it to LoraConfig(**…), kolors' reads the alpha."""
         config = {"r": self.rank, "lora_alpha": self.alpha, "target_modules": sorted(set(self.targets))}
-        packed = {f"{self.component}.{k}": v for k, v in config.items()}
-        return {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+        return {f"{self.component}.{k}": v for k, v in config.items()}
 
     def kohya_state(self) -> dict[str, Tensor]:
         """kohya's keys for the same pairs: `lora_unet_<module, _ for .>.lora_down/lora_up.weight` and `.alpha`."""
@@ -150,6 +148,15 @@ class TrainableLora(nn.Module):
             for name, down, up in zip(self.names, self.down, self.up, strict=True):
                 down.copy_(state[f"{self.component}.{name}.lora_A.weight"])
                 up.copy_(state[f"{self.component}.{name}.lora_B.weight"])
+
+
+def lora_file(loras: Sequence[TrainableLora]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the safetensors header of one diffusers LoRA file holding every component's pairs."""
+    state, config = {}, {}
+    for lora in loras:
+        state |= lora.peft_state()
+        config |= lora.adapter_config()
+    return state, {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
 
 
 def peft_module_name(key: str) -> str:

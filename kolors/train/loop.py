@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kolors import samplers
-from kolors.adapters.lora_train import UNET_TARGETS, TrainableLora
+from kolors.adapters.lora_train import UNET_TARGETS, TrainableLora, lora_file
 from kolors.components import load_text_encoder, load_unet, load_vae, vae_dtype
 from kolors.errors import KolorsError
 from kolors.models.tokenizer import ChatGLMTokenizer
@@ -50,6 +50,7 @@ LOG_COLUMNS = ("step", "loss", "lr", "seconds")
 LR_SCHEDULES = ("constant", "cosine", "polynomial")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_TOKENS = 256  # Kolors' prompt length (the pipeline's)
+TEXT_ENCODER_TARGETS = ("query_key_value",)
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,6 @@ class TrainConfig:
             raise KolorsError(f"unknown dtype {self.dtype!r}; choose auto, {', '.join(DTYPES)}")
         if not self.target or not all(isinstance(t, str) and t for t in self.target):
             raise KolorsError(f"target must name at least one module, e.g. to_q; got {self.target!r}")
-        if self.train_text_encoder:
-            raise KolorsError(
-                "training the text encoder's LoRA is not implemented yet; train the UNet's LoRA alone "
-                "(drop --train-text-encoder)"
-            )
         if (self.class_dir is None) != (self.class_prompt is None) or self.class_prompt == "":
             raise KolorsError(
                 "prior preservation needs both a folder of class images (class_dir) and their prompt (class_prompt)"
@@ -394,9 +390,18 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         root / "text_encoder", dtype=dtype, device=device, variant=config.variant
     )
     texts = sorted({e.caption for e in examples} | ({config.class_prompt} if prior else set()))
-    captions = _encode_texts(tokenizer, text_encoder, texts, device)
-    samples = None
-    if config.sample_prompt:
+    te_lora, captions, samples = None, None, None
+    if (
+        config.train_text_encoder
+    ):  # the official script's text-encoder LoRA: ChatGLM's fused q, k, v projection
+        te_lora = TrainableLora(
+            text_encoder, TEXT_ENCODER_TARGETS, rank=config.rank, alpha=config.alpha, component="text_encoder",
+            generator=torch.Generator().manual_seed(config.seed + 1),
+        )  # fmt: skip
+        samples = list(config.sample_prompt) or None
+    else:
+        captions = _encode_texts(tokenizer, text_encoder, texts, device)
+    if config.sample_prompt and te_lora is None:
         s = _encode_texts(tokenizer, text_encoder, [*config.sample_prompt, ""], device)
         n = len(config.sample_prompt)
         samples = [
@@ -410,8 +415,9 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
             )  # fmt: skip
             for k in range(n)
         ]
-    del text_encoder
-    _free()
+    if te_lora is None:
+        text_encoder = nn.Module()  # frees ChatGLM; the sampling pipeline's prompts come encoded
+        _free()
     vdtype = vae_dtype(root / "vae", dtype)
     vae = load_vae(root / "vae", dtype=vdtype, device=device, variant=config.variant)
     with torch.inference_mode():
@@ -429,6 +435,17 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         _free()
     caption_index = {t: i for i, t in enumerate(texts)}
 
+    def encode(which: list[int]) -> tuple[Tensor, Tensor, list[int]]:
+        """Text states, pooled and pad counts of these captions: cached, or from the training text encoder."""
+        if te_lora is None:
+            return captions.embeds[which], captions.pooled[which], [captions.pads[j] for j in which]
+        tokens = tokenizer([texts[j] for j in which], max_length=MAX_TOKENS)
+        mask = tokens.attention_mask
+        embeds, pooled = text_encoder(
+            tokens.input_ids.to(device), mask.to(device), tokens.position_ids.to(device)
+        )
+        return embeds, pooled, (mask.shape[1] - mask.sum(dim=1)).tolist()
+
     unet = load_unet(root / "unet", dtype=dtype, device=device, variant=config.variant)
     lora = TrainableLora(
         unet, config.target, rank=config.rank, alpha=config.alpha,
@@ -437,7 +454,10 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     lora.attach()
     if config.gradient_checkpointing:
         checkpoint_blocks(unet)
-    params = list(lora.parameters())
+    loras = [lora] if te_lora is None else [lora, te_lora]
+    if te_lora is not None:
+        te_lora.attach()
+    params = [p for x in loras for p in x.parameters()]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
     )
@@ -446,7 +466,8 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     )
     start = 0
     if state is not None:
-        lora.load_peft_state(state["lora"])
+        for x in loras:
+            x.load_peft_state({k: v for k, v in state["lora"].items() if k.startswith(x.component + ".")})
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
@@ -464,12 +485,14 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     def save(step: int) -> None:
         if not main:
             return
-        write_atomic(out / LORA_FILE, _tensor_file(lora.peft_state(), lora.metadata()), "LoRA", step)
+        tensors, header = lora_file(loras)
+        write_atomic(out / LORA_FILE, _tensor_file(tensors, header), "LoRA", step)
         if config.kohya:
-            write_atomic(out / KOHYA_FILE, _tensor_file(lora.kohya_state()), "kohya LoRA", step)
+            kohya = {k: v for x in loras for k, v in x.kohya_state().items()}
+            write_atomic(out / KOHYA_FILE, _tensor_file(kohya), "kohya LoRA", step)
         checkpoint = {
             "step": step,
-            "lora": lora.peft_state(),
+            "lora": tensors,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "settings": config.settings(),
@@ -481,11 +504,14 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     def sample(step: int) -> None:
         if not main or samples is None:
             return
-        pipe = KolorsPipeline(tokenizer, nn.Module(), unet, vae, scheduler_config, device=device, dtype=dtype)
+        pipe = KolorsPipeline(
+            tokenizer, text_encoder, unet, vae, scheduler_config, device=device, dtype=dtype
+        )
         pipe.set_progress_bar_config(disable=True)
         (out / "samples").mkdir(exist_ok=True)
         for k, embeds in enumerate(samples):
-            image = pipe(prompt_embeds=embeds, height=config.resolution, width=config.resolution,
+            prompt = dict(prompt=embeds) if isinstance(embeds, str) else dict(prompt_embeds=embeds)
+            image = pipe(**prompt, height=config.resolution, width=config.resolution,
                          num_inference_steps=config.sample_steps, seed=config.seed + k).images[0]  # fmt: skip
             image.save(out / "samples" / f"step-{step}-{k}.png")
 
@@ -496,10 +522,10 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         for a in range(config.grad_accum):
             micro = step * config.grad_accum + a
             share = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
-            total += _micro_step(config, unet, cache, captions, caption_index, order(micro)[share], micro, rank,
+            total += _micro_step(config, unet, cache, encode, caption_index, order(micro)[share], micro, rank,
                                  global_batch, alphas_cumprod, scaling, device)  # fmt: skip
             if prior_order is not None:
-                total += _micro_step(config, unet, prior, captions, caption_index, prior_order(micro)[share],
+                total += _micro_step(config, unet, prior, encode, caption_index, prior_order(micro)[share],
                                      micro, rank, global_batch, alphas_cumprod, scaling, device,
                                      weight=config.prior_loss_weight, stream=1)  # fmt: skip
         if world > 1:
@@ -533,7 +559,7 @@ def train_lora(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     return out / LORA_FILE
 
 
-def _micro_step(config, unet, cache: LatentCache, captions: _Captions, caption_index, mine, micro, rank,
+def _micro_step(config, unet, cache: LatentCache, encode: Callable, caption_index, mine, micro, rank,
                 global_batch, alphas_cumprod, scaling, device, weight: float = 1.0, stream: int = 0) -> Tensor:  # fmt: skip
     """Forward and backward of this process's share of one micro-batch; returns its loss times `weight`.
     `stream` 1 draws the class images' random numbers, apart from the subject's."""
@@ -549,16 +575,17 @@ def _micro_step(config, unet, cache: LatentCache, captions: _Captions, caption_i
         noise = noise + config.noise_offset * draws["offset"][rows]
     timesteps = (draws["u"][rows] * len(alphas_cumprod)).long().clamp(max=len(alphas_cumprod) - 1)
     which = [caption_index[cache.examples[i].caption] for i in mine]
+    embeds, pooled, pads = encode(which)
     loss = diffusion_loss(
         unet,
         latents.to(device),
         noise.to(device),
         timesteps.to(device),
-        captions.embeds[which].to(device),
-        captions.pooled[which].to(device),
+        embeds.to(device),
+        pooled.to(device),
         torch.stack([cache.time_ids[i] for i in mine]).to(device),
         alphas_cumprod,
-        pads=[captions.pads[j] for j in which],
+        pads=pads,
         min_snr_gamma=config.min_snr_gamma,
     )
     (loss * weight / config.grad_accum).backward()
