@@ -91,13 +91,13 @@ def main() -> None:
     r = float(args.resolution)
     time_ids = torch.tensor([[r, r, 0.0, 0.0, r, r]])
 
-    def step(i: int) -> float:
+    def step(i: int) -> tuple[float, float]:
         gi = torch.Generator().manual_seed(100 + i)
         latents = torch.randn(1, cfg.in_channels, latent, latent, generator=gi)
         noise = torch.randn(latents.shape, generator=gi)
         t = torch.randint(0, len(alphas), (1,), generator=gi)
         sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss = diffusion_loss(unet, *(x.to(device) for x in (latents, noise, t, embeds, pooled, time_ids)), alphas,
                               pads=[pads])  # fmt: skip
         loss.backward()
@@ -105,10 +105,10 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
-    warm = step(0)
-    times = [step(i) for i in range(1, args.steps + 1)]
+    warm, warm_cpu = step(0)
+    times, cpus = zip(*(step(i) for i in range(1, args.steps + 1)), strict=True)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
     print(f"command: {command_line()}")
     for k, v in machine_info(device).items():
@@ -117,8 +117,10 @@ def main() -> None:
     print(f"UNet {args.scale}: {params / 1e9:.2f} B parameters in {args.dtype}; LoRA rank {args.rank}: "
           f"{sum(p.numel() for p in lora.parameters()) / 1e6:.1f} M float32 parameters on {len(lora.names)} layers")  # fmt: skip
     print(f"{args.resolution}x{args.resolution}, batch 1, gradient checkpointing {not args.no_checkpointing}")
-    print(f"warm-up step {warm:.2f} s; steps {', '.join(f'{t:.2f}' for t in times)} s; "
-          f"median {statistics.median(times):.2f} s/step")  # fmt: skip
+    # CPU seconds of the process: on a machine shared with other work, wall time also counts the waiting.
+    print(f"warm-up step {warm:.2f} s ({warm_cpu:.2f} s CPU); steps {', '.join(f'{t:.2f}' for t in times)} s "
+          f"({', '.join(f'{c:.2f}' for c in cpus)} s CPU); median {statistics.median(times):.2f} s/step, "
+          f"{statistics.median(cpus):.2f} s CPU/step")  # fmt: skip
     print(f"peak {'GPU memory allocated' if device.type == 'cuda' else 'RSS'}: {format_bytes(peak)}")
 
 
