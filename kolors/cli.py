@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_batch_parser(sub)
     add_serve_parser(sub)
+    add_train_lora_parser(sub)
     return parser
 
 
@@ -350,6 +351,87 @@ def add_batch_parser(sub) -> None:
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
     add_generation_options(bat, batch=True)
     add_model_options(bat)
+
+
+def add_train_lora_parser(sub) -> None:
+    t = sub.add_parser(
+        "train-lora",
+        help="train a LoRA on a folder of captioned images (resumable; torchrun for several GPUs)",
+        description="DATA_DIR: images with same-name .txt captions, or a metadata.jsonl (file_name, text), or "
+        "--caption for all. Writes OUT_DIR/pytorch_lora_weights.safetensors (diffusers' LoRA format, loaded by "
+        "kolors --lora and diffusers' load_lora_weights), OUT_DIR/log.csv and a resumable training state. "
+        "Several processes: torchrun --nproc-per-node N -m kolors train-lora ...",
+    )
+    t.add_argument("data_dir", metavar="DATA_DIR")
+    t.add_argument("--model", default=DEFAULT_REPO, help="Kolors-diffusers folder or hub repo id")
+    t.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
+    t.add_argument("--output", "-o", required=True, metavar="OUT_DIR")
+    t.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    t.add_argument(
+        "--alpha", type=float, default=16.0, help="LoRA alpha; scale alpha/rank (default: %(default)s)"
+    )
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: %(default)s)")
+    t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "polynomial"])
+    t.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: %(default)s)")
+    t.add_argument("--resolution", type=int, default=1024, help="bucket size in pixels, a multiple of 64")
+    t.add_argument("--batch-size", type=int, default=1, help="images per step and process (default: 1)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--caption", default=None, help="one caption for every image")
+    t.add_argument("--flip", action="store_true", help="random horizontal flips (both cached)")
+    t.add_argument(
+        "--target",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="UNet modules to train (default: to_q to_k to_v to_out.0, the official script's)",
+    )
+    t.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="also a LoRA on ChatGLM's query_key_value (the text encoder then stays in memory)",
+    )
+    t.add_argument("--class-dir", default=None, help="prior preservation: a folder of class images")
+    t.add_argument("--class-prompt", default=None, help="prior preservation: the class images' prompt")
+    t.add_argument(
+        "--prior-loss-weight", type=float, default=0.7, help="the class loss's weight (default: 0.7)"
+    )
+    t.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR loss weighting, e.g. 5")
+    t.add_argument("--noise-offset", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
+    t.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
+    t.add_argument("--sample-prompt", action="append", default=[], help="a prompt to sample (repeatable)")
+    t.add_argument("--sample-every", type=int, default=250, help="steps between samples")
+    t.add_argument("--resume", default=None, metavar="OUT_DIR", help="continue the run saved in OUT_DIR")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% more time")
+    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    t.add_argument("--kohya", action="store_true", help="also write a kohya-format copy")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train_lora(args: argparse.Namespace) -> int:
+    from kolors.train import TrainConfig
+    from kolors.train import train_lora as train
+
+    options = {
+        k: getattr(args, k)
+        for k in ("data_dir", "model", "variant", "output", "rank", "alpha", "steps", "lr", "lr_schedule",
+                  "warmup", "resolution", "batch_size", "grad_accum", "seed", "caption", "flip",
+                  "train_text_encoder", "class_dir", "class_prompt", "prior_loss_weight", "min_snr_gamma",
+                  "noise_offset", "max_grad_norm", "save_every", "sample_every", "resume",
+                  "gradient_checkpointing", "dtype", "device", "kohya")
+    }  # fmt: skip
+    if args.target:
+        options["target"] = tuple(args.target)
+    config = TrainConfig(**options, sample_prompt=tuple(args.sample_prompt), progress=not args.quiet)
+    config.check()
+    check_hub(args.model)
+    path = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+    return 0
 
 
 # from_pretrained keywords beyond model, dtype, device and variant
@@ -594,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             return batch(args)
         if args.command == "serve":
             return serve(args)
+        if args.command == "train-lora":
+            return train_lora(args)
     except KolorsError as e:
         print(f"kolors: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

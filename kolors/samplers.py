@@ -284,6 +284,13 @@ def _clip_sample(config: SchedulerConfig, sampler: str) -> bool:
 
 def _train_sigmas(config: SchedulerConfig) -> np.ndarray:
     """sqrt((1 - alphas_cumprod) / alphas_cumprod) for t = 0 .. num_train_timesteps - 1, float32."""
+    alphas_cumprod = train_alphas_cumprod(config)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+
+
+def train_alphas_cumprod(config: SchedulerConfig) -> Tensor:
+    """The training schedule's cumulative alphas (num_train_timesteps,), float32 on the CPU, as diffusers'
+    schedulers compute them: what a trainer adds noise with (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise)."""
     n = config.num_train_timesteps
     if config.trained_betas is not None:
         betas = torch.tensor(config.trained_betas, dtype=torch.float32, device="cpu")
@@ -297,7 +304,7 @@ def _train_sigmas(config: SchedulerConfig) -> np.ndarray:
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     if config.rescale_betas_zero_snr:
         alphas_cumprod[-1] = 2**-24  # near zero so the first sigma stays finite (diffusers' choice)
-    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+    return alphas_cumprod
 
 
 def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
