@@ -45,7 +45,15 @@ from kolors.models.tokenizer import ChatGLMTokenizer
 from kolors.models.unet import UNet2DConditionModel, UNetConfig
 from kolors.models.vae import AutoencoderKL, VAEConfig, latent_preview, sample_latent
 from kolors.noise import randn
-from kolors.request import GenerationRequest, check_seed, check_size, check_values, lora_name, random_seed
+from kolors.request import (
+    GenerationRequest,
+    InvalidRequest,
+    check_seed,
+    check_size,
+    check_values,
+    lora_name,
+    random_seed,
+)
 from kolors.weights import DEFAULT_REPO, Checkpoint, check_model_folder, on_device, resolve_model
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -202,12 +210,16 @@ class KolorsPipeline:
         prompt_cache: int | None = None,
         compile: bool = False,
         unet: str | os.PathLike | None = None,
+        ip_adapter: str | os.PathLike | None = None,
+        faceid: str | os.PathLike | None = None,
+        face_models: str | os.PathLike | None = None,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
         `unet="file.safetensors"`: a community fine-tune's single-file UNet (diffusers or original SGM keys, any
         float dtype) in place of the model's own.
         `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.models.quant), experimental.
-        `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays."""
+        `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays.
+        `ip_adapter=`, `faceid=` (with `face_models=`): load_ip_adapter / load_faceid those adapters at once."""
         text_encoder_quant = parse_quant(text_encoder_quant)
         memory = parse_memory(memory)
         prompt_cache_size(memory, prompt_cache)  # a bad size fails before the load
@@ -259,7 +271,7 @@ class KolorsPipeline:
 
         tokenizer = ChatGLMTokenizer.from_pretrained(root / "tokenizer")
         name = _model_name(root, model)
-        return cls(
+        pipe = cls(
             tokenizer,
             text_encoder,
             unet_model,
@@ -272,6 +284,11 @@ class KolorsPipeline:
             prompt_cache=prompt_cache,
             plain_weight=plain_weight,
         )
+        if ip_adapter is not None:
+            pipe.load_ip_adapter(ip_adapter)
+        if faceid is not None:
+            pipe.load_faceid(faceid, face_models=face_models)
+        return pipe
 
     @property
     def label(self) -> str:
@@ -993,6 +1010,23 @@ def generate(
     request = request.validate().with_seed()
     if request.loras or pipe.get_active_adapters():
         pipe.set_loras(request.loras)  # this request's LoRAs and none other; the base weights stay loaded
+    image_prompts = {}
+    if request.ip_image is not None:
+        if getattr(pipe, "ip_adapter", None) is None:
+            raise InvalidRequest(
+                "ip_image", "a reference image was given but this pipeline has no IP-Adapter loaded"
+            )
+        pipe.set_ip_adapter_scale(request.ip_scale)
+        image_prompts["ip_adapter_image"] = request.ip_image
+    if request.face_image is not None:
+        if getattr(pipe, "faceid", None) is None:
+            raise InvalidRequest(
+                "face_image", "a face image was given but this pipeline has no FaceID adapter loaded"
+            )
+        pipe.set_faceid_scale(request.face_scale)
+        image_prompts["face_image"] = request.face_image
+        if request.face_embeds is not None:
+            image_prompts["face_embeds"] = np.asarray(request.face_embeds, dtype=np.float32)
     out = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
@@ -1007,12 +1041,21 @@ def generate(
         image=request.image,
         strength=request.strength,
         callback=callback,
+        **image_prompts,
     )
     return list(zip(out.images, out.seeds, strict=True))
 
 
 def lora_hashes(pipe: KolorsPipeline, request: GenerationRequest) -> GenerationRequest:
-    """`request` with the A1111 short hash of each of its LoRAs (read from the files the pipeline loaded)."""
+    """`request` with the A1111 short hash of each of its LoRAs (read from the files the pipeline loaded), and the
+    names of the image-prompt adapters it used: what its images' parameters record."""
+    names = []
+    for kind, slot, image in (("ip", "ip_adapter", request.ip_image), ("face", "faceid", request.face_image)):
+        adapter = getattr(pipe, slot, None)
+        if image is not None and adapter is not None:
+            names.append((kind, adapter.file.stem))
+    if names:
+        request = dataclasses.replace(request, image_adapters=tuple(names))
     if not request.loras:
         return request
     hashes = tuple((lora_name(name), digest) for name, digest in pipe.lora_hashes())

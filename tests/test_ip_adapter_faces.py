@@ -1,0 +1,135 @@
+"""IP-Adapter in every face: the CLI, the server (A1111 ControlNet units, OpenAI extension fields), batch jobs and
+the PNG parameters, on the tiny model and the tiny adapter of tests/test_ip_adapter.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kolors import KolorsPipeline
+from kolors.cli import main
+from kolors.request import GenerationRequest, image_hash, read_parameters
+from tests.test_clip_vision import photo, save_tiny_clip
+from tests.test_ip_adapter import plus_state
+
+ARGS = [
+    "--steps",
+    "2",
+    "--seed",
+    "7",
+    "--width",
+    "64",
+    "--height",
+    "64",
+    "--dtype",
+    "float32",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(reference_pipeline, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ipa-faces") / "Kolors-IP-Adapter-Plus-tiny"
+    root.mkdir()
+    save_tiny_clip(root / "image_encoder", seed=3)
+    torch.save(plus_state(reference_pipeline.unet), root / "ip_adapter_plus_general.bin")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ref_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.png"
+    photo(48, 64, seed=2).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir, adapter_dir):
+    p = KolorsPipeline.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, device="cpu", ip_adapter=adapter_dir
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_cli_generate_with_a_reference_image(tiny_model_dir, adapter_dir, ref_png, pipe, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    model = ["--model", str(tiny_model_dir), "--ip-adapter", str(adapter_dir)]
+    code = main(
+        [
+            "generate",
+            "a cat",
+            *model,
+            "--ip-image",
+            str(ref_png),
+            "--ip-scale",
+            "0.7",
+            *ARGS,
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    reference = Image.open(ref_png)
+    params = read_parameters(out)
+    assert params.endswith(
+        f"IP-Adapter: ip_adapter_plus_general, IP-Adapter scale: 0.7, IP-Adapter image hash: {image_hash(reference)}"
+    )
+    pipe.set_ip_adapter_scale(0.7)
+    again = pipe(
+        "a cat", height=64, width=64, num_inference_steps=2, seed=7, ip_adapter_image=reference
+    ).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(out)))
+
+
+def test_cli_bad_input_is_one_line(tiny_model_dir, adapter_dir, ref_png, tmp_path, capsys):
+    code = main(["generate", "a cat", "--model", str(tiny_model_dir), "--ip-image", str(ref_png), *ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--ip-image needs an IP-Adapter" in err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    code = main(
+        [
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny_model_dir),
+            "--ip-adapter",
+            str(adapter_dir),
+            "--ip-image",
+            str(broken),
+            *ARGS,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot decode image" in err and err.count("\n") == 1
+    code = main(["generate", "a cat", "--model", str(tiny_model_dir), "--face", str(ref_png), *ARGS])
+    assert code == 2 and "--face needs the FaceID adapter" in capsys.readouterr().err
+
+
+def test_request_checks_and_infotext(ref_png):
+    from kolors.request import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="ip_scale must be a finite number"):
+        GenerationRequest(prompt="x", ip_scale=float("nan")).validate()
+    with pytest.raises(InvalidRequest, match="ip_image file not found"):
+        GenerationRequest(prompt="x", ip_image="/nonexistent/ref.png").validate()
+    with pytest.raises(InvalidRequest, match="face_embeds needs face_image"):
+        GenerationRequest(prompt="x", face_embeds=(0.0,) * 512).validate()
+    with pytest.raises(InvalidRequest, match="512 finite numbers"):
+        GenerationRequest(prompt="x", face_image=Image.new("RGB", (8, 8)), face_embeds=(0.0,) * 3).validate()
+    request = GenerationRequest(prompt="x", ip_image=str(ref_png), ip_scale=0.25)
+    assert image_hash(str(ref_png)) == image_hash(Image.open(ref_png))
+    assert "IP-Adapter: ip-adapter, IP-Adapter scale: 0.25" in request.infotext(1, "Kolors")
+
+
+def test_generate_request_without_adapter_is_refused(tiny_model_dir, ref_png):
+    from kolors.request import InvalidRequest
+
+    p = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    with pytest.raises(InvalidRequest, match="no IP-Adapter loaded"):
+        p.generate(GenerationRequest(prompt="x", ip_image=str(ref_png), steps=1, width=64, height=64))
