@@ -133,3 +133,140 @@ def test_generate_request_without_adapter_is_refused(tiny_model_dir, ref_png):
     p = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
     with pytest.raises(InvalidRequest, match="no IP-Adapter loaded"):
         p.generate(GenerationRequest(prompt="x", ip_image=str(ref_png), steps=1, width=64, height=64))
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+def b64(path) -> str:
+    import base64
+
+    return base64.b64encode(open(path, "rb").read()).decode()
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from kolors.serve import ServerConfig, create_app
+
+    with TestClient(create_app(pipe, ServerConfig(max_steps=4)), base_url="http://127.0.0.1:7860") as c:
+        yield c
+
+
+def unit(image: str, **extra) -> dict:
+    """A unit as webuiapi's ControlNetUnit(...).to_dict() sends it."""
+    return {
+        "image": image,
+        "mask": None,
+        "module": "ip-adapter_clip_sdxl_plus_vith",
+        "model": "ip-adapter-plus_sdxl_vit-h [f1f1f1f1]",
+        "weight": 0.6,
+        "resize_mode": "Crop and Resize",
+        "lowvram": False,
+        "processor_res": 512,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "control_mode": 0,
+        "pixel_perfect": False,
+        **extra,
+    }
+
+
+def direct(pipe, ref_png, scale: float) -> np.ndarray:
+    pipe.set_ip_adapter_scale(scale)
+    image = pipe(
+        "a cat", height=64, width=64, num_inference_steps=2, seed=3, ip_adapter_image=Image.open(ref_png)
+    )
+    return np.asarray(image.images[0])
+
+
+def test_a1111_controlnet_ip_adapter_unit(client, pipe, ref_png):
+    from tests.server_helpers import decode_png
+
+    body = {"prompt": "a cat", "steps": 2, "seed": 3, "width": 64, "height": 64}
+    body["alwayson_scripts"] = {"ControlNet": {"args": [unit(b64(ref_png))]}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["images"][0])
+    assert "IP-Adapter: ip_adapter_plus_general, IP-Adapter scale: 0.6" in image.text["parameters"]
+    assert np.array_equal(np.asarray(image.convert("RGB")), direct(pipe, ref_png, 0.6))
+
+
+def test_a1111_other_units_and_bad_units_are_422(client, ref_png):
+    def post(args, field):
+        body = {
+            "prompt": "a cat",
+            "steps": 1,
+            "width": 64,
+            "height": 64,
+            "alwayson_scripts": {"ControlNet": {"args": args}},
+        }
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}:"), r.text
+
+    post([unit(b64(ref_png), module="canny")], "alwayson_scripts")
+    post([unit("not base64!")], "alwayson_scripts.ControlNet.args[0].image")
+    post([unit(b64(ref_png), weight=-1)], "alwayson_scripts.ControlNet.args[0].weight")
+    post([unit(b64(ref_png)), unit(b64(ref_png))], "alwayson_scripts.ControlNet.args")
+
+
+def test_openai_extension_fields(client, pipe, ref_png):
+    from tests.server_helpers import decode_png
+
+    body = {
+        "prompt": "a cat",
+        "steps": 2,
+        "seed": 3,
+        "size": "64x64",
+        "ip_adapter_image": b64(ref_png),
+        "ip_adapter_scale": 0.9,
+    }
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["data"][0]["b64_json"])
+    assert np.array_equal(np.asarray(image.convert("RGB")), direct(pipe, ref_png, 0.9))
+    r = client.post("/v1/images/generations", json={**body, "ip_adapter_image": "%%%"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image"
+
+
+def test_server_without_adapter_names_the_flag(tiny_model_dir, ref_png):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from kolors.serve import ServerConfig, create_app
+
+    plain = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    with TestClient(create_app(plain, ServerConfig()), base_url="http://127.0.0.1:7860") as c:
+        r = c.post(
+            "/v1/images/generations", json={"prompt": "x", "size": "64x64", "ip_adapter_image": b64(ref_png)}
+        )
+        assert r.status_code == 400 and "--ip-adapter" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+
+def test_batch_jobs_with_a_reference_image(pipe, ref_png, tmp_path):
+    import json
+
+    from kolors.batch import run
+
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [
+        {"id": "ref", "prompt": "a cat", "ip_image": str(ref_png), "ip_scale": 0.6, "seed": 3},
+        {"id": "plain", "prompt": "a cat", "seed": 3},
+        {"id": "bad", "prompt": "a cat", "ip_image": str(tmp_path / "missing.png")},
+    ]
+    jobs.write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    small = dict(steps=2, width=64, height=64)
+    summary = run(jobs, tmp_path / "out", pipe=pipe, defaults=small, progress=False)
+    assert (summary.done, summary.failed) == (2, 1)
+    made = np.asarray(Image.open(tmp_path / "out" / "ref-0.png").convert("RGB"))
+    assert np.array_equal(made, direct(pipe, ref_png, 0.6))
+    assert "IP-Adapter scale: 0.6" in read_parameters(tmp_path / "out" / "ref-0.png")
+    plain = pipe("a cat", height=64, width=64, num_inference_steps=2, seed=3).images[0]
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "plain-0.png").convert("RGB")), np.asarray(plain)
+    )

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from kolors.errors import KolorsError
 from kolors.request import DEFAULT_LIMITS, FIELDS, GenerationRequest, Limits
 
-# A job's fields: the request's, but for image-to-image's, plus an id.
-JOB_FIELDS = ("id", *(f for f in FIELDS if f not in ("image", "strength")))
+# A job's fields: the request's, but for image-to-image's and FaceID's, plus an id (ip_image is a file path).
+NOT_JOB_FIELDS = ("image", "strength", "face_image", "face_embeds", "face_scale")
+JOB_FIELDS = ("id", *(f for f in FIELDS if f not in NOT_JOB_FIELDS))
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
@@ -37,7 +38,7 @@ DEFAULTS = {
     if k in JOB_FIELDS and k not in ("prompt", "seed")
 }
 # Fields added after manifests were first written, with the value an older row means.
-LATER_FIELDS = {"schedule": None, "loras": ()}
+LATER_FIELDS = {"schedule": None, "loras": (), "ip_image": None, "ip_scale": 0.5}
 # What one image's pixels depend on, besides the model: its request with num_images 1 and its own seed.
 IMAGE_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("id", "num_images"))
 
@@ -58,12 +59,26 @@ class ImageSpec:
     def settings(self) -> tuple:
         """What the images of one pipeline call must share."""
         r = self.request
-        return (r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, r.loras)
+        return (
+            r.steps,
+            r.guidance,
+            r.sampler,
+            r.schedule,
+            r.width,
+            r.height,
+            r.loras,
+            r.ip_image,
+            r.ip_scale,
+        )
 
     @property
     def params(self) -> dict:
-        """What the image's pixels depend on, besides the model."""
-        return {k: getattr(self.request, k) for k in IMAGE_FIELDS}
+        """What the image's pixels depend on, besides the model (a job without a reference image has the row it
+        had before ip_image existed)."""
+        params = {k: getattr(self.request, k) for k in IMAGE_FIELDS}
+        if params["ip_image"] is None:
+            del params["ip_image"], params["ip_scale"]
+        return params
 
     def infotext(self, model: str) -> str:
         return self.request.infotext(self.request.seed, model)
@@ -234,6 +249,10 @@ def _content_key(values: Mapping, base_seed: int, seen: dict[str, int]) -> str:
     """The file key of a job without an id: its prompt's first words and a hash of what changes its images
     (not num_images: asking for more images keeps the first ones). The n-th identical job gets its own."""
     content = {k: values.get(k) for k in IMAGE_FIELDS}
+    if (
+        content.get("ip_image") is None
+    ):  # a job without a reference keeps the key it had before ip_image existed
+        content.pop("ip_image", None), content.pop("ip_scale", None)
     if content["seed"] is None:
         content["base_seed"] = base_seed  # its seed is derived from the base seed, so that changes it too
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:10]
@@ -252,13 +271,13 @@ def _typed(name: str, value):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise KolorsError(f"{name} must be a whole number, not {value!r}")
-    if name == "guidance":
+    if name in ("guidance", "ip_scale"):
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise KolorsError(f"guidance must be a number, not {value!r}")
+        raise KolorsError(f"{name} must be a number, not {value!r}")
     if name == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if name == "loras":

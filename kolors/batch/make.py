@@ -37,6 +37,10 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
     requests = [s.request for s in chunk]
     if first.loras or pipe.get_active_adapters():
         pipe.set_loras(first.loras)  # one LoRA set per group (batches groups by it)
+    image_prompt = {}
+    if first.ip_image is not None:  # one reference per group (batches groups by it)
+        pipe.set_ip_adapter_scale(first.ip_scale)
+        image_prompt["ip_adapter_image"] = first.ip_image
     embeds = pipe.encode_texts(
         [r.prompt for r in requests], [r.negative_prompt for r in requests] if cfg else None
     )
@@ -50,5 +54,6 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
         schedule=first.schedule,
         seed=[r.seed for r in requests],
         output_type=output_type,
+        **image_prompt,
     )
     return out.images

@@ -27,6 +27,7 @@ from kolors.serve.schemas import (
     decode_base64,
     decode_image,
     fit_init_image,
+    ip_adapter_unit,
     lora_files,
 )
 from kolors.serve.state import config, encode, infotext, model, run_job
@@ -53,11 +54,34 @@ async def respond(request: Request, body, calls, parameters: dict) -> A1111Respo
     )
 
 
+async def reference_image(body, request: Request) -> dict:
+    """The IP-Adapter unit's reference image and weight (sd-webui-controlnet's shape), as a1111_calls keywords."""
+    unit = ip_adapter_unit(body.alwayson_scripts)
+    if unit is None:
+        return {}
+    field, data, weight = unit
+    if not request.app.state.image_prompts.get("ip"):
+        raise RequestError(
+            field, "this server has no IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"
+        )
+    cfg = config(request)
+
+    def work():
+        with request.app.state.decodes:
+            return decode_image(decode_base64(data, cfg, f"{field}.image"), cfg, f"{field}.image")
+
+    return {"ip_image": await run_in_threadpool(work), "ip_scale": weight}
+
+
 @router.post("/txt2img", response_model=A1111Response, responses=A1111_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
-    """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string."""
+    """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string. An
+    sd-webui-controlnet unit with an IP-Adapter module in `alwayson_scripts` is the reference image."""
     body.refuse_unsupported(model(request).answers_to)
-    calls = a1111_calls(body, config(request), model(request).native_size, loras=request.app.state.loras)
+    reference = await reference_image(body, request)
+    calls = a1111_calls(
+        body, config(request), model(request).native_size, loras=request.app.state.loras, **reference
+    )
     return await respond(request, body, calls, body.model_dump())
 
 
@@ -84,8 +108,15 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
             return fit_init_image(image, size, cfg, "init_images")
 
     image = await run_in_threadpool(work)
+    reference = await reference_image(body, request)
     calls = a1111_calls(
-        body, cfg, model(request).native_size, image, body.denoising_strength, loras=request.app.state.loras
+        body,
+        cfg,
+        model(request).native_size,
+        image,
+        body.denoising_strength,
+        loras=request.app.state.loras,
+        **reference,
     )
     parameters = body.model_dump()
     if not body.include_init_images:

@@ -160,6 +160,8 @@ class A1111Request(BaseModel):
             "alwayson_scripts",
         }
         for name, message in refused.items():
+            if name == "alwayson_scripts" and only_ip_adapter_units(self.alwayson_scripts):
+                continue  # sd-webui-controlnet's IP-Adapter units are read: ip_adapter_unit
             if getattr(self, name):
                 raise RequestError(name, message)
         wanted = (self.override_settings or {}).get("sd_model_checkpoint")
@@ -224,6 +226,10 @@ class OpenAIImageRequest(BaseModel):
     )
     schedule: str | None = Field(None, description="karras or exponential; absent: the sampler's own")
     loras: list[LoraChoice] | None = Field(None, description="LoRAs from the server's --lora-dir, by name")
+    ip_adapter_image: str | None = Field(
+        None, description="reference image (base64 PNG/JPEG/WebP) for the server's --ip-adapter"
+    )
+    ip_adapter_scale: float | None = Field(None, ge=0, le=10, description="its weight (default 0.5)")
 
 
 class OpenAIImage(BaseModel):
@@ -415,6 +421,58 @@ def fit_init_image(
     return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
 
 
+# ---------------------------------------------------------------------------------------------------- IP-Adapter
+
+# sd-webui-controlnet's IP-Adapter preprocessors are "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", ...
+IP_ADAPTER_MODULE = "ip-adapter"
+DEFAULT_IP_SCALE = 0.5
+
+
+def _controlnet_units(scripts) -> list:
+    entry = (scripts or {}).get("ControlNet")
+    args = entry.get("args") if isinstance(entry, dict) else entry
+    return list(args) if isinstance(args, list) else []
+
+
+def _is_ip_adapter_unit(unit) -> bool:
+    return isinstance(unit, dict) and str(unit.get("module") or "").lower().startswith(IP_ADAPTER_MODULE)
+
+
+def only_ip_adapter_units(scripts: dict | None) -> bool:
+    """Whether `alwayson_scripts` holds nothing but sd-webui-controlnet units with an IP-Adapter module (or
+    disabled units): what this server can honour."""
+    if not scripts or set(scripts) != {"ControlNet"}:
+        return False
+    units = [u for u in _controlnet_units(scripts) if not (isinstance(u, dict) and u.get("enabled") is False)]
+    return bool(units) and all(_is_ip_adapter_unit(u) for u in units)
+
+
+def ip_adapter_unit(scripts: dict | None) -> tuple[str, str, float] | None:
+    """(field, base64 image, weight) of the IP-Adapter unit of an A1111 request, as webuiapi's ControlNetUnit sends
+    it (`module` "ip-adapter...", `image` base64 or {"image": base64}, `weight`); None without one."""
+    found = [
+        (i, u)
+        for i, u in enumerate(_controlnet_units(scripts))
+        if _is_ip_adapter_unit(u) and u.get("enabled") is not False
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise RequestError("alwayson_scripts.ControlNet.args", "one IP-Adapter unit per request is supported")
+    i, unit = found[0]
+    field = f"alwayson_scripts.ControlNet.args[{i}]"
+    image = unit.get("image") or unit.get("input_image")
+    image = image.get("image") if isinstance(image, dict) else image
+    if not isinstance(image, str) or not image:
+        raise RequestError(
+            f"{field}.image", "the IP-Adapter unit needs its reference image (base64) in image"
+        )
+    weight = unit.get("weight", DEFAULT_IP_SCALE)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 10:
+        raise RequestError(f"{field}.weight", f"weight must be a number from 0 to 10, not {weight!r}")
+    return field, image, float(weight)
+
+
 # ---------------------------------------------------------------------------------------------------- mapping
 
 
@@ -423,9 +481,13 @@ A1111_FIELDS = {
     "num_images": "batch_size",
     "sampler": "sampler_name",
     "schedule": "scheduler",
+    "ip_image": "alwayson_scripts",
+    "ip_scale": "alwayson_scripts",
 }
 OPENAI_FIELDS = {
     "guidance": "guidance_scale",
+    "ip_image": "ip_adapter_image",
+    "ip_scale": "ip_adapter_scale",
     "loras": "loras",
     "num_images": "n",
     "width": "size",
@@ -440,6 +502,8 @@ def a1111_calls(
     image: Image.Image | None = None,
     strength: float = 0.3,
     loras: dict[str, Path] | None = None,
+    ip_image: Image.Image | None = None,
+    ip_scale: float = DEFAULT_IP_SCALE,
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
     width, height = (body.width or native_size, body.height or native_size) if image is None else image.size
@@ -461,6 +525,8 @@ def a1111_calls(
         image=image,
         strength=strength,
         loras=prompt_loras,
+        ip_image=ip_image,
+        ip_scale=ip_scale,
     )
     job = checked(job, config, {**A1111_FIELDS, "strength": "denoising_strength"})
     call = replace(job, num_images=body.batch_size)
@@ -522,6 +588,8 @@ def openai_call(
     strength: float = 0.3,
     lora_list: list | None = None,
     loras: dict[str, Path] | None = None,
+    ip_image: Image.Image | None = None,
+    ip_scale: float | None = None,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
     prompt, chosen = take_lora_tags(prompt, loras or {})
@@ -542,5 +610,7 @@ def openai_call(
         image=image,
         strength=strength,
         loras=chosen,
+        ip_image=ip_image,
+        ip_scale=DEFAULT_IP_SCALE if ip_scale is None else ip_scale,
     )
     return checked(request, config, OPENAI_FIELDS)

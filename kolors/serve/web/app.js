@@ -11,6 +11,7 @@ let busy = false;
 let interrupted = false; // the user pressed Interrupt during the current request
 let run = 0; // counts requests, so a poller left over from the last one stops
 let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
+let ipImage = null; // data: URL of the reference image, sent as sd-webui-controlnet's IP-Adapter unit
 
 // ---- talking to the server ----
 
@@ -110,6 +111,10 @@ function buildRequest() {
   if (initImage) {
     body.init_images = [initImage];
     body.denoising_strength = Number($("strength").value);
+  }
+  if (ipImage) {
+    const unit = { module: "ip-adapter", image: ipImage, weight: Number($("ip-scale").value) };
+    body.alwayson_scripts = { ControlNet: { args: [unit] } };
   }
   return body;
 }
@@ -226,6 +231,37 @@ function clearImage() {
   $("init-box").hidden = true;
   $("strength").disabled = true;
   $("generate").textContent = "Generate";
+}
+
+// ---- reference image (IP-Adapter) ----
+
+function readReference(file) {
+  showError("");
+  if (!file) return clearReference();
+  const reader = new FileReader();
+  reader.onload = () => {
+    const probe = new Image();
+    probe.onload = () => {
+      ipImage = reader.result;
+      $("ip-preview").src = ipImage;
+      $("ip-box").hidden = false;
+      $("ip-scale").disabled = false;
+    };
+    probe.onerror = () => {
+      clearReference();
+      showError(`${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file.`);
+    };
+    probe.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function clearReference() {
+  ipImage = null;
+  $("ip-image").value = "";
+  $("ip-preview").removeAttribute("src");
+  $("ip-box").hidden = true;
+  $("ip-scale").disabled = true;
 }
 
 // ---- gallery ----
@@ -387,6 +423,9 @@ function init() {
   $("strength").addEventListener("input", () => ($("strength-value").value = Number($("strength").value).toFixed(2)));
   $("init-image").addEventListener("change", () => readImage($("init-image").files[0]));
   $("clear-image").addEventListener("click", clearImage);
+  $("ip-scale").addEventListener("input", () => ($("ip-scale-value").value = Number($("ip-scale").value).toFixed(2)));
+  $("ip-image").addEventListener("change", () => readReference($("ip-image").files[0]));
+  $("clear-ip").addEventListener("click", clearReference);
   $("generate-form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
