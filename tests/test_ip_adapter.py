@@ -303,3 +303,38 @@ def test_bad_scales(pipe):
         pipe.set_ip_adapter_scale({"middle": 1.0})
     with pytest.raises(KolorsError, match="must be a number"):
         pipe.set_ip_adapter_scale("strong")
+
+
+# ---------------------------------------------------------------------------------------------- with the rest
+
+
+def test_image_to_image_matches_diffusers(pipe, reference):
+    from diffusers import KolorsImg2ImgPipeline
+
+    from tests.test_pipeline import init_image
+
+    ref = KolorsImg2ImgPipeline(**reference.components)
+    ref.set_progress_bar_config(disable=True)
+    ref.set_ip_adapter_scale(0.7)
+    pipe.set_ip_adapter_scale(0.7)
+    kwargs = dict(prompt="a watercolor", image=init_image(64, 64), strength=0.6, num_inference_steps=4)
+    image = photo(48, 64, seed=2)
+    theirs = ref(**kwargs, ip_adapter_image=image, generator=gen(), output_type="np").images
+    ours = pipe(**kwargs, ip_adapter_image=image, generator=gen(), output_type="np").images
+    assert_close(ours, theirs)
+
+
+def test_another_sampler_matches_diffusers(pipe, reference):
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import KolorsPipeline as DiffusersKolors
+
+    scheduler = DPMSolverMultistepScheduler.from_config(reference.scheduler.config, use_karras_sigmas=True)
+    ref = DiffusersKolors(**{**reference.components, "scheduler": scheduler})
+    ref.set_progress_bar_config(disable=True)
+    ref.set_ip_adapter_scale(0.5)
+    pipe.set_ip_adapter_scale(0.5)
+    image = photo(48, 64, seed=2)
+    kwargs = dict(CALL, num_inference_steps=3)
+    theirs = ref(**kwargs, ip_adapter_image=image, generator=gen()).images
+    ours = pipe(**kwargs, ip_adapter_image=image, sampler="dpmpp-2m", generator=gen()).images
+    assert_close(ours, theirs)
