@@ -302,3 +302,33 @@ def test_square_box_is_the_official_one():
 
     assert square_box((10, 20, 30, 60)) == (0.0, 20.0, 40.0, 60.0)
     assert isinstance(Image.new("RGB", (4, 4)).crop(square_box((0, 0, 2, 4))), Image.Image)
+
+
+def test_cli_face_with_detection(tiny_model_dir, faceid_dir, insightface, tmp_path, capsys):
+    from kolors.cli import main
+    from kolors.request import image_hash, read_parameters
+
+    face = tmp_path / "face.png"
+    photo(96, 80, seed=8).save(face)
+    StubFaceAnalysis.faces = [{"bbox": np.array([30.0, 10.0, 70.0, 60.0]), "embedding": face_embedding(2)}]
+    out = tmp_path / "out.png"
+    args = ["generate", "a portrait", "--model", str(tiny_model_dir), "--faceid", str(faceid_dir[0])]
+    args += ["--face", str(face), "--face-models", str(insightface), "--steps", "2", "--seed", "1"]
+    args += [
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    params = read_parameters(out)
+    assert params.endswith(
+        f"FaceID: ipa-faceid-plus, FaceID scale: 0.8, FaceID image hash: {image_hash(Image.open(face))}"
+    )
