@@ -174,9 +174,8 @@ class KolorsPipeline:
         # Image prompts (kolors.adapters.ip_adapter): IP-Adapter-Plus and FaceID-Plus, each with its CLIP encoder
         self.ip_adapter: ipa.ImagePromptAdapter | None = None
         self.faceid: ipa.ImagePromptAdapter | None = None
-        self._encoders: dict[
-            str, tuple
-        ] = {}  # "ip_adapter" / "faceid" -> (folder, CLIP model, preprocessing)
+        # "ip_adapter" / "faceid" -> (folder, CLIP model, its preprocessing); one model when both share a folder
+        self._encoders: dict[str, tuple] = {}
         self.face_models: Path | None = None
         self.progress_bar = True
         quant = self.text_encoder_quant

@@ -13,6 +13,7 @@ reads those (A1111's PNG Info, ComfyUI, civitai) can show and reproduce the imag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -159,7 +160,6 @@ FACE_EMBEDDING_DIM = 512
 def image_hash(image: Image.Image) -> str:
     """A short hash of an image's pixels (its first 10 sha256 hex digits, as A1111's short model hashes): the same
     reference image gives the same hash whatever file it came in."""
-    import hashlib
 
     if isinstance(image, (str, os.PathLike)):
         try:
