@@ -494,11 +494,27 @@ class KolorsPipeline:
             self._parked = [m for m in self._parked if m is not encoder[1]]
 
     @torch.inference_mode()
-    def encode_image(self, image, slot: str = "ip_adapter") -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(
+        self,
+        image,
+        device: str | torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        output_hidden_states: bool = True,
+        *,
+        slot: str = "ip_adapter",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's second-to-last hidden states (N, tokens, hidden) of the reference image(s) and their
         unconditional counterpart, the encoder's states for zeroed normalised pixels: diffusers'
-        `encode_image(image, device, 1, output_hidden_states=True)`. `image`: PIL images or paths (resized and
-        cropped as CLIPImageProcessor), or a tensor of pixel values already processed."""
+        `encode_image(image, device, 1, output_hidden_states=True)`, whose arguments it takes (on this pipeline's
+        device; the pooled embeddings of output_hidden_states=False are for adapters Kolors has not).
+        `image`: PIL images or paths (resized and cropped as CLIPImageProcessor), or pixel values already made."""
+        if not output_hidden_states:
+            raise KolorsError("Kolors' IP-Adapters read hidden states; call encode_image(image) as it is")
+        if num_images_per_prompt != 1:
+            hidden, uncond = self.encode_image(image, slot=slot)
+            return hidden.repeat_interleave(num_images_per_prompt, 0), uncond.repeat_interleave(
+                num_images_per_prompt, 0
+            )
         encoder = self._encoders.get(slot)
         if encoder is None:
             raise KolorsError(

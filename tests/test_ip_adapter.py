@@ -142,7 +142,7 @@ def reference(reference_pipeline, adapter_dir):
 def test_encode_image_matches_diffusers(pipe, reference):
     image = photo(50, 40, seed=1)
     theirs = reference.encode_image(image, "cpu", 1, output_hidden_states=True)
-    ours = pipe.encode_image(image)
+    ours = pipe.encode_image(image, "cpu", 1, output_hidden_states=True)  # diffusers' call
     tokens = (TINY_CLIP["image_size"] // TINY_CLIP["patch_size"]) ** 2 + 1
     assert ours[0].shape == (1, tokens, TINY_CLIP["hidden_size"])
     for a, b in zip(ours, theirs, strict=True):
