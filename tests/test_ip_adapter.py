@@ -338,3 +338,27 @@ def test_another_sampler_matches_diffusers(pipe, reference):
     theirs = ref(**kwargs, ip_adapter_image=image, generator=gen()).images
     ours = pipe(**kwargs, ip_adapter_image=image, sampler="dpmpp-2m", generator=gen()).images
     assert_close(ours, theirs)
+
+
+def test_with_a_lora_matches_diffusers(pipe, reference, reference_pipeline, tmp_path):
+    from diffusers import KolorsPipeline as DiffusersKolors
+
+    from tests.test_lora import ATTENTION, peft_lora
+
+    state, config = peft_lora(reference_pipeline.unet, ATTENTION, r=4, alpha=4, seed=5)
+    DiffusersKolors.save_lora_weights(
+        tmp_path, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict()
+    )
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    reference.load_lora_weights(file, adapter_name="ink")
+    pipe.load_lora_weights(file, adapter_name="ink")
+    try:
+        reference.set_ip_adapter_scale(0.6)
+        pipe.set_ip_adapter_scale(0.6)
+        image = photo(48, 64, seed=2)
+        theirs = reference(**CALL, ip_adapter_image=image, generator=gen()).images
+        ours = pipe(**CALL, ip_adapter_image=image, generator=gen()).images
+        assert_close(ours, theirs)
+    finally:
+        reference.unload_lora_weights()
+        pipe.unload_lora_weights()
