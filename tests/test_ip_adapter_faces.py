@@ -270,3 +270,23 @@ def test_batch_jobs_with_a_reference_image(pipe, ref_png, tmp_path):
     assert np.array_equal(
         np.asarray(Image.open(tmp_path / "out" / "plain-0.png").convert("RGB")), np.asarray(plain)
     )
+
+
+def test_controlnet_unit_parsing():
+    pytest.importorskip("pydantic")
+    from kolors.serve.schemas import RequestError, ip_adapter_unit, only_ip_adapter_units
+
+    ip = {"module": "ip-adapter_clip_sdxl", "image": {"image": "AAAA", "mask": None}, "weight": 0.4}
+    off = {"module": "canny", "enabled": False, "image": "BBBB"}
+    assert ip_adapter_unit({"ControlNet": {"args": [off, ip]}}) == (
+        "alwayson_scripts.ControlNet.args[1]",
+        "AAAA",
+        0.4,
+    )
+    assert only_ip_adapter_units({"ControlNet": {"args": [off, ip]}})
+    assert ip_adapter_unit({"ControlNet": {"args": [{"module": "ip-adapter", "image": "A"}]}})[2] == 0.5
+    assert not only_ip_adapter_units({"ControlNet": {"args": [ip]}, "ADetailer": {"args": []}})
+    assert not only_ip_adapter_units({"ControlNet": {"args": [{"module": "depth", "image": "A"}]}})
+    assert ip_adapter_unit(None) is None and ip_adapter_unit({"ControlNet": {"args": [off]}}) is None
+    with pytest.raises(RequestError, match="needs its reference image"):
+        ip_adapter_unit({"ControlNet": {"args": [{"module": "ip-adapter", "image": None}]}})
