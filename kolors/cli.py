@@ -46,6 +46,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "rest parked in host memory between stages (same images, slower per prompt)",
     )
     p.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="PATH_OR_REPO",
+        help="load a Kolors IP-Adapter-Plus (file, folder or hub repo, e.g. Kwai-Kolors/Kolors-IP-Adapter-Plus) "
+        "with its image_encoder/: reference images as prompts",
+    )
+    p.add_argument(
+        "--faceid",
+        default=None,
+        metavar="PATH_OR_REPO",
+        help="load Kolors-IP-Adapter-FaceID-Plus (e.g. Kwai-Kolors/Kolors-IP-Adapter-FaceID-Plus): a face as a prompt",
+    )
+    p.add_argument(
+        "--face-models",
+        default=None,
+        metavar="DIR",
+        help="insightface's antelopev2 models, for --faceid (pip install 'kolors[faceid]'; non-commercial licence)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         default=None,
@@ -121,6 +140,16 @@ def add_generation_options(p: argparse.ArgumentParser, *, batch: bool = False) -
                 help=f"refuse jobs over this many {what} (default: %(default)s)",
             )
         return
+    p.add_argument("--ip-image", default=None, metavar="REF.png", help="reference image for --ip-adapter")
+    p.add_argument(
+        "--ip-scale", type=float, default=0.5, help="how strongly --ip-image steers (default: %(default)s)"
+    )
+    p.add_argument(
+        "--face", default=None, metavar="FACE.jpg", help="a photo of the face to keep, for --faceid"
+    )
+    p.add_argument(
+        "--face-scale", type=float, default=0.8, help="how strongly --face steers (default: %(default)s)"
+    )
     p.add_argument("--image", default=None, help="init image for image-to-image")
     p.add_argument(
         "--strength",
@@ -435,12 +464,15 @@ def train_lora(args: argparse.Namespace) -> int:
 
 
 # from_pretrained keywords beyond model, dtype, device and variant
-LOAD_OPTIONS = ("text_encoder_quant", "memory", "compile", "unet")
+# (the image-prompt adapters are loaded at start: requests carry reference images, not adapters)
+LOAD_OPTIONS = ("text_encoder_quant", "memory", "compile", "unet", "ip_adapter", "faceid", "face_models")
 
 
 def batch(args: argparse.Namespace) -> int:
     """Exit 0 when every job's images exist, 1 when some line or image failed (reported above the summary)."""
     import signal
+
+    check_image_prompt_options(args)
 
     from kolors.batch import run as run_batch
     from kolors.request import Limits
@@ -533,12 +565,23 @@ def output_paths(output: str | None, seed: int, n: int) -> list[Path]:
     return paths
 
 
+def check_image_prompt_options(args: argparse.Namespace) -> None:
+    """Option pairs that need each other, checked before any model is loaded."""
+    if getattr(args, "ip_image", None) and not args.ip_adapter:
+        raise KolorsError("--ip-image needs an IP-Adapter: add --ip-adapter PATH_OR_REPO")
+    if getattr(args, "face", None) and not args.faceid:
+        raise KolorsError("--face needs the FaceID adapter: add --faceid PATH_OR_REPO")
+    if args.face_models and not args.faceid:
+        raise KolorsError("--face-models is for --faceid; add --faceid PATH_OR_REPO")
+
+
 def generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from kolors.pipeline import KolorsPipeline, load_image, lora_hashes, outpaint_canvas
     from kolors.request import GenerationRequest, check_size, save_png
 
+    check_image_prompt_options(args)
     image = load_image(args.image) if args.image else None
     if (args.mask or args.outpaint) and image is None:
         raise KolorsError(
@@ -549,6 +592,8 @@ def generate(args: argparse.Namespace) -> int:
     mask = load_image(args.mask) if args.mask else None
     if args.outpaint:
         image, mask = outpaint_canvas(image, *parse_outpaint(args.outpaint))
+    ip_image = load_image(args.ip_image) if args.ip_image else None
+    face_image = load_image(args.face) if args.face else None
     if image is not None and (args.width or args.height):
         # As the server does: the image is resized to the size asked for (a missing side keeps the image's,
         # rounded down to 8), and the pipeline is given the image alone, so no size changes its conditioning.
@@ -577,6 +622,10 @@ def generate(args: argparse.Namespace) -> int:
         inpaint_padding=args.inpaint_padding,
         paste_back=args.paste_back,
         controlnets=control_units(args),
+        ip_image=ip_image,
+        ip_scale=args.ip_scale,
+        face_image=face_image,
+        face_scale=args.face_scale,
     )
     request = request.validate().with_seed()
     seed = request.seed
@@ -596,6 +645,9 @@ def generate(args: argparse.Namespace) -> int:
         memory=args.memory,
         compile=bool(args.compile),
         unet=args.unet,
+        ip_adapter=args.ip_adapter,
+        faceid=args.faceid,
+        face_models=args.face_models,
     )
     pipe.set_progress_bar_config(disable=args.quiet)
     images = pipe.generate(request)
@@ -647,6 +699,7 @@ def serve(args: argparse.Namespace) -> int:
         raise KolorsError(f"port must be between 1 and 65535, not {args.port}")
     load_options = {k: v for k in LOAD_OPTIONS if (v := getattr(args, k, None)) is not None}
     controlnets = [parse_named_controlnet(text) for text in args.controlnet]
+    check_image_prompt_options(args)
     check_hub(args.model)
     pipe = KolorsPipeline.from_pretrained(
         args.model, dtype=args.dtype, device=args.device, variant=args.variant, **load_options

@@ -10,6 +10,7 @@ import torch
 
 from kolors.config import load_config
 from kolors.errors import KolorsError
+from kolors.models import clip_vision
 from kolors.models.layers import packer
 from kolors.models.quant import load_quantized
 from kolors.models.sgm import unet_keys_transform
@@ -87,3 +88,26 @@ def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:
     """The SDXL VAE overflows in fp16: like diffusers' force_upcast, it runs in float32 when the model is fp16."""
     config = load_config(VAEConfig, folder / "config.json")
     return torch.float32 if dtype == torch.float16 and config.force_upcast else dtype
+
+
+def load_image_encoder(
+    folder: Path, *, dtype: torch.dtype, device: torch.device | str
+) -> tuple[clip_vision.CLIPVisionModelWithProjection, clip_vision.ImageProcessorConfig]:
+    """An IP-Adapter's CLIP image encoder from `folder` (config.json and its weights; a whole CLIPModel's folder
+    works too), with its preprocessing: the folder's preprocessor_config.json, else CLIP's at the encoder's size."""
+    if not (folder / "config.json").is_file():
+        raise KolorsError(
+            f"image encoder folder {folder} has no config.json; pass the IP-Adapter repo's image_encoder/ folder "
+            "(image_encoder_path=)"
+        )
+    config = clip_vision.load_clip_vision_config(folder / "config.json")
+    model = build_on_meta(lambda: clip_vision.CLIPVisionModelWithProjection(config))
+    load_weights(
+        model,
+        weight_files(folder),
+        dtype=dtype,
+        device=device,
+        transform=clip_vision.checkpoint_keys_transform,
+    )
+    processor = clip_vision.load_image_processor_config(folder, config.image_size)
+    return model.eval().requires_grad_(False), processor

@@ -24,12 +24,23 @@ from tqdm.auto import tqdm
 
 from kolors import masks, samplers
 from kolors.adapters import controlnet as control
+from kolors.adapters import face as face_analysis
+from kolors.adapters import ip_adapter as ipa
 from kolors.adapters.lora import LoraSet, lora_short_hash
 from kolors.adapters.preprocess import preprocess
-from kolors.components import load_text_encoder, load_unet, load_vae, unet_files, vae_dtype
+from kolors.components import (
+    load_image_encoder,
+    load_text_encoder,
+    load_unet,
+    load_vae,
+    unet_files,
+    vae_dtype,
+)
 from kolors.config import load_config, read_json
 from kolors.errors import KolorsError
 from kolors.memory import PromptCache, parse_memory, prompt_cache_size
+from kolors.models.clip_vision import load_clip_vision_config
+from kolors.models.clip_vision import preprocess as clip_preprocess
 from kolors.models.controlnet import ControlNetModel
 from kolors.models.layers import FAST_CPU_DTYPES
 from kolors.models.quant import parse_quant, quant_of
@@ -40,6 +51,7 @@ from kolors.models.vae import AutoencoderKL, VAEConfig, latent_preview, sample_l
 from kolors.noise import randn
 from kolors.request import (
     GenerationRequest,
+    InvalidRequest,
     check_control,
     check_seed,
     check_size,
@@ -188,6 +200,12 @@ class KolorsPipeline:
         parking = self.memory == "low" and device.type != "cpu"
         self._parked = [m for m in (text_encoder, unet, vae) if parking and _device_of(m).type == "cpu"]
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # Image prompts (kolors.adapters.ip_adapter): IP-Adapter-Plus and FaceID-Plus, each with its CLIP encoder
+        self.ip_adapter: ipa.ImagePromptAdapter | None = None
+        self.faceid: ipa.ImagePromptAdapter | None = None
+        # "ip_adapter" / "faceid" -> (folder, CLIP model, its preprocessing); one model when both share a folder
+        self._encoders: dict[str, tuple] = {}
+        self.face_models: Path | None = None
         self.progress_bar = True
         quant = self.text_encoder_quant
         self.loras = LoraSet(
@@ -223,13 +241,17 @@ class KolorsPipeline:
         compile: bool = False,
         unet: str | os.PathLike | None = None,
         controlnet: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        ip_adapter: str | os.PathLike | None = None,
+        faceid: str | os.PathLike | None = None,
+        face_models: str | os.PathLike | None = None,
     ) -> KolorsPipeline:
         """Load a Kolors-diffusers folder or hub repo (`torch_dtype` is accepted as diffusers spells it).
         `unet="file.safetensors"`: a community fine-tune's single-file UNet (diffusers or original SGM keys, any
         float dtype) in place of the model's own.
         `text_encoder_quant="int8"` or `"int4"`: weight-only quantized text encoder (kolors.models.quant), experimental.
         `compile=True`: torch.compile the UNet; its first step compiles (minutes), see the README for when it pays.
-        `controlnet=`: a ControlNet folder or hub repo (or a list of them) loaded with the model (load_controlnet)."""
+        `controlnet=`: a ControlNet folder or hub repo (or a list of them) loaded with the model (load_controlnet).
+        `ip_adapter=`, `faceid=` (with `face_models=`): load_ip_adapter / load_faceid those adapters at once."""
         text_encoder_quant = parse_quant(text_encoder_quant)
         memory = parse_memory(memory)
         prompt_cache_size(memory, prompt_cache)  # a bad size fails before the load
@@ -298,6 +320,10 @@ class KolorsPipeline:
         paths = [controlnet] if isinstance(controlnet, (str, os.PathLike)) else list(controlnet or [])
         for path in paths:
             pipe.load_controlnet(path)
+        if ip_adapter is not None:
+            pipe.load_ip_adapter(ip_adapter)
+        if faceid is not None:
+            pipe.load_faceid(faceid, face_models=face_models)
         return pipe
 
     @property
@@ -490,6 +516,255 @@ class KolorsPipeline:
             units.append(_ControlUnit(self.controlnets[name], rows, float(s), float(a), float(b)))
         return units
 
+    # ------------------------------------------------------------------------------------------------ image prompts
+    # diffusers' names for IP-Adapter (kolors.adapters.ip_adapter does the work); FaceID-Plus beside it.
+
+    def load_ip_adapter(
+        self,
+        path_or_repo: str | os.PathLike,
+        subfolder: str | None = None,
+        weight_name: str | None = None,
+        image_encoder_folder: str | None = "image_encoder",
+        *,
+        image_encoder_path: str | os.PathLike | None = None,
+        revision: str | None = None,
+    ) -> None:
+        """Load a Kolors IP-Adapter-Plus (a .bin or .safetensors file, a folder or a hub repo such as
+        Kwai-Kolors/Kolors-IP-Adapter-Plus) and its CLIP image encoder: `image_encoder_folder` inside the repo as
+        diffusers takes it (None: keep the one loaded, or use ip_adapter_image_embeds), or `image_encoder_path=`.
+        Scale 1.0 until set_ip_adapter_scale. A file that does not fit changes nothing."""
+        file = ipa.find_adapter_file(path_or_repo, weight_name, subfolder, ipa.IP_ADAPTER_FILES, revision)
+        self._load_image_prompt(
+            "ip_adapter", file, path_or_repo, subfolder, image_encoder_folder, image_encoder_path, revision
+        )
+
+    def load_faceid(
+        self,
+        path_or_repo: str | os.PathLike,
+        weight_name: str | None = None,
+        image_encoder_folder: str | None = "clip-vit-large-patch14-336",
+        *,
+        image_encoder_path: str | os.PathLike | None = None,
+        face_models: str | os.PathLike | None = None,
+        revision: str | None = None,
+    ) -> None:
+        """Load Kolors-IP-Adapter-FaceID-Plus (ipa-faceid-plus.bin; a file, folder or hub repo) and its CLIP
+        encoder. `face_models`: the folder of insightface's antelopev2 models, for face_image= without
+        face_embeds= (needs the `faceid` extra). Scale 1.0 until set_faceid_scale (the official sample uses 0.8)."""
+        file = ipa.find_adapter_file(path_or_repo, weight_name, None, ipa.FACEID_FILES, revision)
+        models = None if face_models is None else face_analysis.check_face_models(face_models)
+        self._load_image_prompt(
+            "faceid", file, path_or_repo, None, image_encoder_folder, image_encoder_path, revision
+        )
+        self.face_models = models or self.face_models
+
+    def _load_image_prompt(self, slot, file, path_or_repo, subfolder, folder, encoder_path, revision) -> None:
+        encoder = self._encoders.get(slot)
+        where = self._encoder_folder(file, path_or_repo, subfolder, folder, encoder_path, revision)
+        if where is not None and (encoder is None or encoder[0] != where):
+            other = [e for e in self._encoders.values() if e[0] == where]
+            if other:
+                encoder = other[0]
+            else:
+                if (
+                    where / "config.json"
+                ).is_file():  # a 224-px encoder is refused before its weights are read
+                    config = load_clip_vision_config(where / "config.json")
+                    ipa.check_image_encoder(config.image_size, config.hidden_size)
+                host = (
+                    torch.device("cpu") if self.memory == "low" and self.device.type != "cpu" else self.device
+                )
+                model, processor = load_image_encoder(where, dtype=self.dtype, device=host)
+                encoder = (where, model, processor)
+        if encoder is not None:
+            ipa.check_image_encoder(encoder[1].config.image_size, encoder[1].config.hidden_size)
+        text_dim = None if self.unet.encoder_hid_proj is None else self.unet.encoder_hid_proj.in_features
+        adapter = ipa.load_adapter(
+            file,
+            self.unet,
+            kind="plus" if slot == "ip_adapter" else "faceid",
+            image_dim=None if encoder is None else encoder[1].config.hidden_size,
+            text_dim=text_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        setattr(self, slot, adapter)  # everything checked: now the pipeline changes
+        if encoder is not None:
+            self._encoders[slot] = encoder
+            if self.memory == "low" and self.device.type != "cpu" and encoder[1] not in self._parked:
+                self._parked.append(encoder[1])
+
+    @staticmethod
+    def _encoder_folder(file, path_or_repo, subfolder, folder, encoder_path, revision) -> Path | None:
+        """Where the image encoder is: `encoder_path`, else `folder` inside the adapter's repo or folder (a bare
+        name is taken inside `subfolder`, a path with a slash from the repo's root, as diffusers does)."""
+        if encoder_path is not None:
+            return Path(encoder_path).expanduser()
+        if folder is None:
+            return None
+        inner = Path(subfolder or "", folder).as_posix() if "/" not in folder else folder
+        local = Path(path_or_repo).expanduser()
+        if local.is_dir():
+            return local / inner
+        if local.is_file():
+            return local.parent / folder
+        return ipa.download_folder(str(path_or_repo), inner, revision)
+
+    @property
+    def image_encoder(self):
+        """The IP-Adapter's CLIP image encoder (diffusers' name), None when none is loaded."""
+        encoder = self._encoders.get("ip_adapter")
+        return None if encoder is None else encoder[1]
+
+    def set_ip_adapter_scale(self, scale: float | dict) -> None:
+        """The IP-Adapter's weight: one number, or per block as diffusers (InstantStyle), e.g.
+        {"up": {"block_0": [0.0, 1.0, 0.0]}}: blocks not named get 0."""
+        if self.ip_adapter is None:
+            raise KolorsError("no IP-Adapter is loaded; call load_ip_adapter first")
+        self.ip_adapter.set_scale(scale, self.unet)
+
+    def set_faceid_scale(self, scale: float) -> None:
+        """FaceID-Plus' weight (the official sample's face fidelity: 0.8)."""
+        if self.faceid is None:
+            raise KolorsError("no FaceID adapter is loaded; call load_faceid first")
+        self.faceid.set_scale(scale, self.unet)
+
+    def unload_ip_adapter(self) -> None:
+        """The IP-Adapter and its image encoder gone: the base model as before (it never changed)."""
+        self.ip_adapter = None
+        self._drop_encoder("ip_adapter")
+
+    def unload_faceid(self) -> None:
+        self.faceid = None
+        self._drop_encoder("faceid")
+
+    def _drop_encoder(self, slot: str) -> None:
+        encoder = self._encoders.pop(slot, None)
+        if encoder is not None and all(e[1] is not encoder[1] for e in self._encoders.values()):
+            self._parked = [m for m in self._parked if m is not encoder[1]]
+
+    @torch.inference_mode()
+    def encode_image(
+        self,
+        image,
+        device: str | torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        output_hidden_states: bool = True,
+        *,
+        slot: str = "ip_adapter",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's second-to-last hidden states (N, tokens, hidden) of the reference image(s) and their
+        unconditional counterpart, the encoder's states for zeroed normalised pixels: diffusers'
+        `encode_image(image, device, 1, output_hidden_states=True)`, whose arguments it takes (on this pipeline's
+        device; the pooled embeddings of output_hidden_states=False are for adapters Kolors has not).
+        `image`: PIL images or paths (resized and cropped as CLIPImageProcessor), or pixel values already made."""
+        if not output_hidden_states:
+            raise KolorsError("Kolors' IP-Adapters read hidden states; call encode_image(image) as it is")
+        if num_images_per_prompt != 1:
+            hidden, uncond = self.encode_image(image, slot=slot)
+            return hidden.repeat_interleave(num_images_per_prompt, 0), uncond.repeat_interleave(
+                num_images_per_prompt, 0
+            )
+        encoder = self._encoders.get(slot)
+        if encoder is None:
+            raise KolorsError(
+                "no image encoder is loaded; load_ip_adapter with its image_encoder/ (or image_encoder_path=)"
+            )
+        _, model, processor = encoder
+        if isinstance(image, torch.Tensor):
+            pixels = image
+        else:
+            images = list(image) if isinstance(image, (list, tuple)) else [image]
+            images = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
+            if not images or not all(isinstance(i, Image.Image) for i in images):
+                raise KolorsError("a reference image must be a PIL image or a path to an image file")
+            pixels = clip_preprocess(images, processor)
+        with self._stage(model):
+            pixels = pixels.to(self.device, next(model.parameters()).dtype)
+            return model.hidden_states(pixels), model.hidden_states(torch.zeros_like(pixels))
+
+    def _image_prompts(self, ip_adapter_image, ip_adapter_image_embeds, face_image, face_embeds, cfg: bool):
+        """(adapter, cond tokens (1, N, W), uncond tokens (1, N, W)) for each image prompt of a call."""
+        prompts = []
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            if self.ip_adapter is None:
+                raise KolorsError(
+                    "ip_adapter_image was given but no IP-Adapter is loaded; call load_ip_adapter first"
+                )
+            if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+                raise KolorsError("pass either ip_adapter_image or ip_adapter_image_embeds, not both")
+            if ip_adapter_image is not None:
+                hidden, uncond = self.encode_image(_one_adapter_images(ip_adapter_image))
+            else:
+                hidden, uncond = self._check_image_embeds(ip_adapter_image_embeds, cfg)
+            adapter = self.ip_adapter
+            dtype = next(adapter.proj.parameters()).dtype
+            rows = adapter.proj(torch.cat([uncond, hidden]).to(self.device, dtype))  # (2N, 16, W)
+            uncond_t, cond_t = rows.chunk(2)
+            prompts.append(
+                (adapter, cond_t.reshape(1, -1, rows.shape[-1]), uncond_t.reshape(1, -1, rows.shape[-1]))
+            )
+        if face_image is not None or face_embeds is not None:
+            prompts.append(self._face_prompt(face_image, face_embeds))
+        return prompts
+
+    def _check_image_embeds(self, embeds, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' ip_adapter_image_embeds for one adapter: [tensor (2, n, T, D)], uncond first, with guidance
+        ((1, n, T, D) without); returns (cond (n, T, D), uncond (n, T, D))."""
+        embeds = embeds[0] if isinstance(embeds, (list, tuple)) and len(embeds) == 1 else embeds
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 4 or embeds.shape[0] != (2 if cfg else 1):
+            rows = "(2, images, tokens, width), uncond first" if cfg else "(1, images, tokens, width)"
+            raise KolorsError(f"ip_adapter_image_embeds must be a list with one tensor {rows}")
+        encoder = self.image_encoder
+        if encoder is not None and embeds.shape[2] != encoder.config.num_positions:
+            raise KolorsError(
+                f"ip_adapter_image_embeds have {embeds.shape[2]} tokens but the image encoder gives "
+                f"{encoder.config.num_positions}; make them with this pipeline's encode_image"
+            )
+        if cfg:
+            return embeds[1], embeds[0]
+        return embeds[0], torch.zeros_like(embeds[0])
+
+    def _face_prompt(self, face_image, face_embeds):
+        """FaceID-Plus' tokens for a face: the id embedding (given, or insightface's for the largest face) and
+        CLIP's features of the square face crop at 336 px; uncond is the projection of zeros for both, as in the
+        official pipeline."""
+        if self.faceid is None:
+            raise KolorsError("face_image was given but no FaceID adapter is loaded; call load_faceid first")
+        if face_image is None:
+            raise KolorsError("face_embeds needs face_image= too (the face crop, for its CLIP features)")
+        image = load_image(face_image) if isinstance(face_image, (str, os.PathLike)) else face_image
+        if not isinstance(image, Image.Image):
+            raise KolorsError("face_image must be a PIL image or a path to an image file")
+        if face_embeds is None:
+            face_embeds, image = face_analysis.face_embedding_and_crop(image, self.face_models)
+        face_embeds = face_analysis.check_face_embeds(face_embeds)
+        crop = image.convert("RGB").resize((ipa.KOLORS_CLIP_IMAGE_SIZE,) * 2, resample=Image.BICUBIC)
+        hidden, _ = self.encode_image([crop], slot="faceid")
+        proj = self.faceid.proj
+        dtype = next(proj.parameters()).dtype
+        ids = torch.from_numpy(face_embeds).reshape(1, -1).to(self.device, dtype)
+        hidden = hidden.to(self.device, dtype)
+        cond = proj(ids, hidden)
+        uncond = proj(torch.zeros_like(ids), torch.zeros_like(hidden))
+        return self.faceid, cond, uncond
+
+    def _image_kv(self, prompts, rows: int, cfg: bool):
+        """ContextCache.ip for `rows` images per branch: each prompt's keys and values, computed once for the
+        cond and uncond tokens and repeated over the batch (uncond rows first, as the text's)."""
+        per_block = None
+        for adapter, cond, uncond in prompts:
+            tokens = torch.cat([uncond, cond]) if cfg else cond
+            kv = adapter.kv(self.unet, tokens.to(self.device, self.dtype))
+            kv = [None if p is None else tuple(t.repeat_interleave(rows, 0) for t in p) for p in kv]
+            per_block = [()] * len(kv) if per_block is None else per_block
+            per_block = [
+                have + ((p,) if p is not None else ()) for have, p in zip(per_block, kv, strict=True)
+            ]
+        if per_block is None or not any(per_block):
+            return None
+        return tuple(per_block)
+
     # ------------------------------------------------------------------------------------------------ prompts
 
     @torch.inference_mode()
@@ -593,6 +868,10 @@ class KolorsPipeline:
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        face_image=None,
+        face_embeds: np.ndarray | None = None,
     ) -> KolorsPipelineOutput:
         """Generate images. `seed=` (an int, or one int per image) is a CPU generator, so a seed gives the same
         image on any device. `sampler=None` is the model folder's own scheduler (Kolors': euler), `schedule=`
@@ -616,7 +895,11 @@ class KolorsPipeline:
         `control_guidance_start` and `_end` (fractions of the steps) are one value or one per ControlNet, as in
         diffusers; `guess_mode` runs the ControlNets on the conditional half alone with scales rising from 0.1 to
         1 over the skips. A step i of n uses a ControlNet unless i / n < start or (i + 1) / n > end, i being the
-        step whose sigma the sampler evaluates (for heun, the window is by that step, both evaluations alike)."""
+        step whose sigma the sampler evaluates (for heun, the window is by that step, both evaluations alike).
+
+        `ip_adapter_image`: the reference image for the loaded IP-Adapter (several for it as [[a, b]], as
+        diffusers), or `ip_adapter_image_embeds` from encode_image. `face_image` (and optionally `face_embeds`, the
+        512-d insightface embedding, which makes face_image the face crop itself): the face for FaceID-Plus."""
         extra = set(cross_attention_kwargs or {}) - {"scale"}
         if extra:
             raise KolorsError(f"cross_attention_kwargs takes only 'scale', not {', '.join(sorted(extra))}")
@@ -627,6 +910,7 @@ class KolorsPipeline:
                 mask_image, padding_mask_crop, mask_blur, masked_content, paste_back,
                 (control_image, controlnet, controlnet_conditioning_scale, control_guidance_start,
                  control_guidance_end, guess_mode),
+                image_prompts=(ip_adapter_image, ip_adapter_image_embeds, face_image, face_embeds),
             )  # fmt: skip
 
     def _call(
@@ -654,6 +938,7 @@ class KolorsPipeline:
         masked_content="original",
         paste_back=False,
         control_args=(None, None, 0.8, 0.0, 1.0, False),
+        image_prompts=(None, None, None, None),
     ) -> KolorsPipelineOutput:
         cfg = guidance_scale > 1.0
         inpainting = mask_image is not None
@@ -744,6 +1029,7 @@ class KolorsPipeline:
         if units:  # diffusers' ControlNet pipelines condition on the output size, image-to-image too
             size_ids = (height, width)
         generator, seeds = _generators(generator, seed, batch)
+        image_prompts = self._image_prompts(*image_prompts, cfg)
 
         if image is not None:
             plan = plan.tail(samplers.img2img_start(plan, strength))
@@ -798,6 +1084,7 @@ class KolorsPipeline:
                     extra_channels,
                     units,
                     guess_mode,
+                    image_prompts,
                 )
                 if steps:
                     noise = self._step_noise(generator, plan.sampler)
@@ -836,6 +1123,7 @@ class KolorsPipeline:
         extra_channels: torch.Tensor | None = None,
         units: Sequence[_ControlUnit] = (),
         guess_mode: bool = False,
+        image_prompts=(),
     ):
         """The epsilon UNet as a denoiser x0(x, sigma) with classifier-free guidance: cond and uncond in one
         batched call, as diffusers does (uncond first). `extra_channels` (B, C, h, w) are appended to the scaled
@@ -869,6 +1157,8 @@ class KolorsPipeline:
         control_contexts = [u.model.prepare_context(states[half:], pads=control_pads) for u in units]
         steps = len(timesteps)
         keeps = [control.keep_window(u.start, u.end, steps) for u in units]
+        if image_prompts:  # the image prompts' keys and values beside the text's, once too
+            context = context._replace(ip=self._image_kv(image_prompts, embeds.batch_size * n, cfg))
         # diffusers' size conditioning: original size, crop top-left (0, 0), target size.
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=self.dtype, device=self.device)
         time_ids = time_ids.repeat(pooled.shape[0], 1)
@@ -1117,6 +1407,23 @@ def generate(
     request = request.validate().with_seed()
     if request.loras or pipe.get_active_adapters():
         pipe.set_loras(request.loras)  # this request's LoRAs and none other; the base weights stay loaded
+    image_prompts = {}
+    if request.ip_image is not None:
+        if getattr(pipe, "ip_adapter", None) is None:
+            raise InvalidRequest(
+                "ip_image", "a reference image was given but this pipeline has no IP-Adapter loaded"
+            )
+        pipe.set_ip_adapter_scale(request.ip_scale)
+        image_prompts["ip_adapter_image"] = request.ip_image
+    if request.face_image is not None:
+        if getattr(pipe, "faceid", None) is None:
+            raise InvalidRequest(
+                "face_image", "a face image was given but this pipeline has no FaceID adapter loaded"
+            )
+        pipe.set_faceid_scale(request.face_scale)
+        image_prompts["face_image"] = request.face_image
+        if request.face_embeds is not None:
+            image_prompts["face_embeds"] = np.asarray(request.face_embeds, dtype=np.float32)
     out = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
@@ -1133,6 +1440,7 @@ def generate(
         callback=callback,
         **inpainting(request),
         **control_call(pipe, request),
+        **image_prompts,
     )
     return list(zip(out.images, out.seeds, strict=True))
 
@@ -1176,7 +1484,15 @@ def control_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
 
 
 def lora_hashes(pipe: KolorsPipeline, request: GenerationRequest) -> GenerationRequest:
-    """`request` with the A1111 short hash of each of its LoRAs (read from the files the pipeline loaded)."""
+    """`request` with the A1111 short hash of each of its LoRAs (read from the files the pipeline loaded), and the
+    names of the image-prompt adapters it used: what its images' parameters record."""
+    names = []
+    for kind, slot, image in (("ip", "ip_adapter", request.ip_image), ("face", "faceid", request.face_image)):
+        adapter = getattr(pipe, slot, None)
+        if image is not None and adapter is not None:
+            names.append((kind, adapter.file.stem))
+    if names:
+        request = dataclasses.replace(request, image_adapters=tuple(names))
     if not request.loras:
         return request
     hashes = tuple((lora_name(name), digest) for name, digest in pipe.lora_hashes())
@@ -1250,6 +1566,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise KolorsError(f"image file not found: {path}") from None
     except (OSError, Image.DecompressionBombError, ValueError) as e:
         raise KolorsError(f"cannot decode image {path}: {e}; pass a PNG, JPEG or WebP file") from None
+
+
+def _one_adapter_images(images) -> list:
+    """The reference images of the one IP-Adapter, as diffusers takes them: an image, [image] or [[a, b]]."""
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    if len(images) == 1:
+        inner = images[0]
+        return list(inner) if isinstance(inner, (list, tuple)) else [inner]
+    if all(not isinstance(i, (list, tuple)) for i in images):
+        raise KolorsError(
+            f"ip_adapter_image has {len(images)} entries for the one IP-Adapter loaded; pass several reference "
+            "images for it as a nested list [[a, b]], as diffusers"
+        )
+    raise KolorsError("ip_adapter_image: one IP-Adapter is loaded; pass [[a, b]] (one list for it)")
 
 
 def _as_prompt_list(prompt, name: str, n: int | None = None) -> list[str]:

@@ -13,6 +13,7 @@ reads those (A1111's PNG Info, ComfyUI, civitai) can show and reproduce the imag
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -104,6 +105,16 @@ class GenerationRequest:
     # (name, A1111 short hash) of each LoRA, filled in once the LoRAs are loaded: the image's `Lora hashes`
     lora_hashes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
     controlnets: tuple[ControlUnit, ...] = ()  # ControlNets steering this request, in order
+    # Image prompts: IP-Adapter-Plus' reference image and weight; FaceID-Plus' face photo (or, with face_embeds,
+    # insightface's 512-d embedding of the face, the face crop itself) and weight. They need the adapter loaded.
+    # An image may also be given as a path to its file (batch jobs): the pipeline reads it.
+    ip_image: Image.Image | str | None = field(default=None, compare=False, repr=False)
+    ip_scale: float = 0.5
+    face_image: Image.Image | str | None = field(default=None, compare=False, repr=False)
+    face_embeds: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
+    face_scale: float = 0.8
+    # (kind, adapter name) of each image prompt, filled in by the pipeline: the image's parameters name them
+    image_adapters: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """The one validation, before any model is loaded; returns the request itself."""
@@ -121,6 +132,7 @@ class GenerationRequest:
         check_loras(self.loras)
         check_inpaint(self)
         check_controlnets(self.controlnets)
+        check_image_prompts(self)
         return self
 
     def with_seed(self) -> GenerationRequest:
@@ -161,14 +173,24 @@ class GenerationRequest:
             )
         for i, unit in enumerate(self.controlnets):  # as sd-webui-controlnet records its units
             fields.append(f'ControlNet {i}: "{control_infotext(unit)}"')
+        names = dict(self.image_adapters)
+        for kind, label, image, scale in (
+            ("ip", "IP-Adapter", self.ip_image, self.ip_scale),
+            ("face", "FaceID", self.face_image, self.face_scale),
+        ):
+            if image is not None:
+                name = names.get(kind, label.lower())
+                fields.append(
+                    f"{label}: {name}, {label} scale: {scale:g}, {label} image hash: {image_hash(image)}"
+                )
         # A1111 keeps each LoRA as a <lora:name:scale> tag in the prompt it records: the image reproduces there.
         tags = "".join(f" <lora:{lora_name(name)}:{scale:g}>" for name, scale in self.loras)
         return f"{self.prompt}{tags}\nNegative prompt: {self.negative_prompt}\n{', '.join(fields)}"
 
     def as_dict(self) -> dict:
-        """The fields as plain data (the init image, the mask, the control images and the LoRAs' hashes left
-        out)."""
-        data = {name: getattr(self, name) for name in FIELDS if name not in ("image", "mask")}
+        """The fields as plain data (the images, the mask, the face embedding, the control images and the LoRAs'
+        hashes left out)."""
+        data = {name: getattr(self, name) for name in FIELDS if name not in IMAGE_FIELDS}
         data["controlnets"] = [
             {k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in self.controlnets
         ]
@@ -177,8 +199,55 @@ class GenerationRequest:
 
 # The request's scalar fields (the ControlNet units, with their images, travel apart: as_dict lists them).
 FIELDS = tuple(
-    f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("lora_hashes", "controlnets")
+    f.name
+    for f in dataclasses.fields(GenerationRequest)
+    if f.name not in ("lora_hashes", "controlnets", "image_adapters")
 )
+IMAGE_FIELDS = ("image", "mask", "ip_image", "face_image", "face_embeds")
+FACE_EMBEDDING_DIM = 512
+
+
+def image_hash(image: Image.Image) -> str:
+    """A short hash of an image's pixels (its first 10 sha256 hex digits, as A1111's short model hashes): the same
+    reference image gives the same hash whatever file it came in."""
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, ValueError):
+            return "unreadable"
+    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height} ".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()[:10]
+
+
+def check_image_prompts(request: GenerationRequest) -> None:
+    for name in ("ip_scale", "face_scale"):
+        value = getattr(request, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise InvalidRequest(name, f"{name} must be a finite number >= 0, not {value!r} (0.5 is typical)")
+    for name in ("ip_image", "face_image"):
+        value = getattr(request, name)
+        if isinstance(value, str) and not Path(value).expanduser().is_file():
+            raise InvalidRequest(name, f"{name} file not found: {value}; give the path of a PNG or JPEG")
+        if value is not None and not isinstance(value, (Image.Image, str)):
+            raise InvalidRequest(name, f"{name} must be an image or the path of one")
+    embeds = request.face_embeds
+    if embeds is not None:
+        if request.face_image is None:
+            raise InvalidRequest(
+                "face_embeds", "face_embeds needs face_image too (the face crop, for its CLIP features)"
+            )
+        ok = isinstance(embeds, (tuple, list)) and len(embeds) == FACE_EMBEDDING_DIM
+        if not ok or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in embeds):
+            raise InvalidRequest("face_embeds", f"face_embeds must be {FACE_EMBEDDING_DIM} finite numbers")
 
 
 def lora_name(name_or_path: str) -> str:

@@ -35,11 +35,13 @@ from kolors.request import DEFAULT_LIMITS, FIELDS, ControlUnit, GenerationReques
 
 # A job's ControlNet: a ControlNet folder or repo, its control image file, weight and preprocessor.
 CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess")
-# A job's fields: the request's (its image and mask as file names), plus an id and its ControlNet.
-JOB_FIELDS = ("id", *FIELDS, *CONTROL_FIELDS)
+# A job's fields: the request's but FaceID's (its image, mask and IP-Adapter reference as file names), plus an
+# id and its ControlNet.
+NOT_JOB_FIELDS = ("face_image", "face_embeds", "face_scale")
+JOB_FIELDS = ("id", *(f for f in FIELDS if f not in NOT_JOB_FIELDS), *CONTROL_FIELDS)
 FILE_FIELDS = ("image", "mask")
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images", "inpaint_padding"}
-NUMBERS = {"guidance", "strength", "mask_blur", "control_scale"}
+NUMBERS = {"guidance", "strength", "mask_blur", "control_scale", "ip_scale"}
 FLAGS = {"mask_invert", "paste_back"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
@@ -57,6 +59,8 @@ LATER_FIELDS = {
     "masked_content": "original",
     "inpaint_padding": None,
     "paste_back": True,
+    "ip_image": None,
+    "ip_scale": 0.5,
     **dict.fromkeys(CONTROL_FIELDS),
 }
 # The fields every content key hashes; a later field joins the hash only when it differs from what older jobs
@@ -109,6 +113,7 @@ class ImageSpec:
             r.loras,
             self.files,
             inpaint,
+            (r.ip_image, r.ip_scale),
             self.control,
         )
 

@@ -37,6 +37,10 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
     cfg = first.guidance > 1.0
     requests = [s.request for s in chunk]
     start = chunk[0].loaded() if chunk[0].files else None  # one image and mask for the whole group
+    image_prompt = {}
+    if first.ip_image is not None:  # one reference per group (batches groups by it)
+        pipe.set_ip_adapter_scale(first.ip_scale)
+        image_prompt["ip_adapter_image"] = first.ip_image
     if first.loras or pipe.get_active_adapters():
         pipe.set_loras(first.loras)  # one LoRA set per group (batches groups by it)
     embeds = pipe.encode_texts(
@@ -54,5 +58,6 @@ def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "p
         output_type=output_type,
         **(dict(image=start.image, strength=start.strength, **inpainting(start)) if start else {}),
         **control_call(pipe, first),  # one ControlNet and control image per group (batches groups by them)
+        **image_prompt,
     )
     return out.images

@@ -277,13 +277,18 @@ class Attention(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
         bias: Tensor | None = None,
         residual: Tensor | None = None,
+        extra_kv: tuple[tuple[Tensor, Tensor], ...] = (),
     ) -> Tensor:
         """Self-attention over x, or attention to precomputed keys and values `kv` with an additive logit
-        `bias` (B, 1, 1, L); `residual` is added to the output."""
+        `bias` (B, 1, 1, L); `residual` is added to the output. Each pair of `extra_kv` (an image prompt's keys
+        and scaled values) is attended on its own and added before the output projection, as diffusers'
+        IPAdapterAttnProcessor2_0 does."""
         B, T, C = x.shape
         k, v = self.kv(x) if kv is None else kv
         q = self.split_heads(self.to_q(x))
         y = attention(q, k, v, bias)
+        for k_extra, v_extra in extra_kv:
+            y = y + attention(q, k_extra, v_extra)
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C), residual)
 
 
@@ -335,6 +340,9 @@ class ContextCache(NamedTuple):
 
     kv: tuple[tuple[Tensor, Tensor], ...]  # per BasicTransformerBlock in module order: (B, nh, L, hs) each
     bias: Tensor | None  # (B, 1, 1, L) logit bias of merged pad keys, None when nothing was merged
+    # Image prompts (kolors.adapters.ip_adapter), per BasicTransformerBlock: each prompt's (keys, values times
+    # its scale for the block), attended apart from the text. None: no image prompt, nothing more is computed.
+    ip: tuple[tuple[tuple[Tensor, Tensor], ...], ...] | None = None
 
 
 class BasicTransformerBlock(nn.Module):
@@ -350,7 +358,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: ContextCache) -> Tensor:
         x = self.attn1(self.norm1(x), residual=x)
-        x = self.attn2(self.norm2(x), context.kv[self.context_index], context.bias, residual=x)
+        ip = () if context.ip is None else context.ip[self.context_index]
+        x = self.attn2(self.norm2(x), context.kv[self.context_index], context.bias, residual=x, extra_kv=ip)
         return self.ff(self.norm3(x), residual=x)
 
 

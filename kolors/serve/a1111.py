@@ -29,6 +29,7 @@ from kolors.serve.schemas import (
     decode_image,
     decode_mask,
     fit_init_image,
+    ip_adapter_unit,
     lora_files,
 )
 from kolors.serve.state import config, encode, infotext, model, run_job
@@ -55,16 +56,37 @@ async def respond(request: Request, body, calls, parameters: dict) -> A1111Respo
     )
 
 
+async def reference_image(body, request: Request) -> dict:
+    """The IP-Adapter unit's reference image and weight (sd-webui-controlnet's shape), as a1111_calls keywords."""
+    unit = ip_adapter_unit(body.alwayson_scripts)
+    if unit is None:
+        return {}
+    field, data, weight = unit
+    if not request.app.state.image_prompts.get("ip"):
+        raise RequestError(
+            field, "this server has no IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"
+        )
+    cfg = config(request)
+
+    def work():
+        with request.app.state.decodes:
+            return decode_image(decode_base64(data, cfg, f"{field}.image"), cfg, f"{field}.image")
+
+    return {"ip_image": await run_in_threadpool(work), "ip_scale": weight}
+
+
 @router.post("/txt2img", response_model=A1111Response, responses=A1111_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
-    """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string."""
+    """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string. An
+    sd-webui-controlnet unit with an IP-Adapter module in `alwayson_scripts` is the reference image."""
     body.refuse_unsupported(model(request).answers_to)
     cfg, native = config(request), model(request).native_size
     size = (body.width or native, body.height or native)
     units = await run_in_threadpool(
         a1111_control_units, body.alwayson_scripts, size, cfg, request.app.state.controlnets
     )
-    calls = a1111_calls(body, cfg, native, loras=request.app.state.loras, controlnets=units)
+    reference = await reference_image(body, request)
+    calls = a1111_calls(body, cfg, native, loras=request.app.state.loras, controlnets=units, **reference)
     return await respond(request, body, calls, body.model_dump())
 
 
@@ -97,6 +119,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
             return image, mask, a1111_control_units(body.alwayson_scripts, image.size, cfg, names)
 
     image, mask, units = await run_in_threadpool(work)
+    reference = await reference_image(body, request)
     calls = a1111_calls(
         body,
         cfg,
@@ -106,6 +129,7 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
         loras=request.app.state.loras,
         mask=mask,
         controlnets=units,
+        **reference,
     )
     parameters = body.model_dump()
     if not body.include_init_images:

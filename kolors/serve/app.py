@@ -82,6 +82,11 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     app.state.preview = pipes[0].preview
     app.state.loras = lora_files(config.lora_dir)
     app.state.controlnets = list(getattr(pipes[0], "controlnets", {}))  # loaded before the server started
+    # The image-prompt adapters loaded at start (--ip-adapter, --faceid): requests may carry their images
+    app.state.image_prompts = {
+        "ip": getattr(pipes[0], "ip_adapter", None) is not None,
+        "face": getattr(pipes[0], "faceid", None) is not None,
+    }
     add_error_handlers(app)
     # base64 makes an upload 4/3 larger; the rest of a request is small.
     app.add_middleware(BodyLimit, max_bytes=math.ceil(config.max_upload_bytes * 4 / 3) + 2**20)

@@ -21,7 +21,14 @@ from kolors.errors import KolorsError
 from kolors.pipeline import preprocess
 from kolors.request import PREPROCESSORS, ControlUnit
 from kolors.serve.http import require_key
-from kolors.serve.schemas import OpenAIControlNet, RequestError, ServerConfig, decode_base64, decode_image
+from kolors.serve.schemas import (
+    OpenAIControlNet,
+    RequestError,
+    ServerConfig,
+    decode_base64,
+    decode_image,
+    is_ip_adapter_unit,
+)
 
 # sd-webui-controlnet's names for the preprocessors kolors has.
 A1111_MODULES = {
@@ -113,6 +120,8 @@ def a1111_control_units(
         raise RequestError("alwayson_scripts.ControlNet", 'must be {"args": [unit, ...]}')
     units = []
     for i, raw in enumerate(args):
+        if is_ip_adapter_unit(raw):  # a reference image for the IP-Adapter, not a ControlNet: ip_adapter_unit
+            continue
         field = f"alwayson_scripts.ControlNet.args[{i}]"
         try:
             unit = A1111ControlUnit.model_validate(raw)

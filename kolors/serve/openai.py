@@ -23,6 +23,7 @@ from kolors.serve.schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
     RequestError,
+    decode_base64,
     decode_image,
     decode_mask,
     fit_init_image,
@@ -82,9 +83,29 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
         lora_list=body.loras,
         loras=request.app.state.loras,
         controlnets=units,
+        ip_image=await reference_image(body.ip_adapter_image, request),
+        ip_scale=body.ip_adapter_scale,
         **body.model_dump(include=fields),
     )
     return await respond(request, call, body.response_format)
+
+
+async def reference_image(data: str | None, request: Request):
+    """The decoded ip_adapter_image of a request (Kolors' extension field), or None."""
+    if data is None:
+        return None
+    if not request.app.state.image_prompts.get("ip"):
+        raise RequestError(
+            "ip_adapter_image",
+            "this server has no IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO",
+        )
+    cfg = config(request)
+
+    def work():
+        with request.app.state.decodes:
+            return decode_image(decode_base64(data, cfg, "ip_adapter_image"), cfg, "ip_adapter_image")
+
+    return await run_in_threadpool(work)
 
 
 @router.post(

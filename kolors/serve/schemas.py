@@ -255,6 +255,10 @@ class OpenAIImageRequest(BaseModel):
     controlnet: list[OpenAIControlNet] | None = Field(
         None, description="ControlNets this server loaded, each with its control image"
     )
+    ip_adapter_image: str | None = Field(
+        None, description="reference image (base64 PNG/JPEG/WebP) for the server's --ip-adapter"
+    )
+    ip_adapter_scale: float | None = Field(None, ge=0, le=10, description="its weight (default 0.5)")
 
 
 class OpenAIImage(BaseModel):
@@ -458,6 +462,51 @@ def fit_init_image(
     return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
 
 
+# ---------------------------------------------------------------------------------------------------- IP-Adapter
+
+# sd-webui-controlnet's IP-Adapter preprocessors are "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", ...
+IP_ADAPTER_MODULE = "ip-adapter"
+DEFAULT_IP_SCALE = 0.5
+
+
+def _controlnet_units(scripts) -> list:
+    entry = next(
+        (v for k, v in (scripts or {}).items() if k.lower() == "controlnet"), None
+    )  # as A1111 matches
+    args = entry.get("args") if isinstance(entry, dict) else entry
+    return list(args) if isinstance(args, list) else []
+
+
+def is_ip_adapter_unit(unit) -> bool:
+    return isinstance(unit, dict) and str(unit.get("module") or "").lower().startswith(IP_ADAPTER_MODULE)
+
+
+def ip_adapter_unit(scripts: dict | None) -> tuple[str, str, float] | None:
+    """(field, base64 image, weight) of the IP-Adapter unit of an A1111 request, as webuiapi's ControlNetUnit sends
+    it (`module` "ip-adapter...", `image` base64 or {"image": base64}, `weight`); None without one."""
+    found = [
+        (i, u)
+        for i, u in enumerate(_controlnet_units(scripts))
+        if is_ip_adapter_unit(u) and u.get("enabled") is not False
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise RequestError("alwayson_scripts.ControlNet.args", "one IP-Adapter unit per request is supported")
+    i, unit = found[0]
+    field = f"alwayson_scripts.ControlNet.args[{i}]"
+    image = unit.get("image") or unit.get("input_image")
+    image = image.get("image") if isinstance(image, dict) else image
+    if not isinstance(image, str) or not image:
+        raise RequestError(
+            f"{field}.image", "the IP-Adapter unit needs its reference image (base64) in image"
+        )
+    weight = unit.get("weight", DEFAULT_IP_SCALE)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 10:
+        raise RequestError(f"{field}.weight", f"weight must be a number from 0 to 10, not {weight!r}")
+    return field, image, float(weight)
+
+
 # ---------------------------------------------------------------------------------------------------- mapping
 
 
@@ -467,6 +516,8 @@ A1111_FIELDS = {
     "num_images": "batch_size",
     "sampler": "sampler_name",
     "schedule": "scheduler",
+    "ip_image": "alwayson_scripts",
+    "ip_scale": "alwayson_scripts",
 }
 A1111_INPAINT_FIELDS = {
     "masked_content": "inpainting_fill",
@@ -476,6 +527,8 @@ A1111_INPAINT_FIELDS = {
 OPENAI_FIELDS = {
     "controlnets": "controlnet",
     "guidance": "guidance_scale",
+    "ip_image": "ip_adapter_image",
+    "ip_scale": "ip_adapter_scale",
     "loras": "loras",
     "num_images": "n",
     "width": "size",
@@ -492,6 +545,8 @@ def a1111_calls(
     loras: dict[str, Path] | None = None,
     mask: Image.Image | None = None,
     controlnets: tuple = (),
+    ip_image: Image.Image | None = None,
+    ip_scale: float = DEFAULT_IP_SCALE,
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
     inpaint = {}
@@ -524,6 +579,8 @@ def a1111_calls(
         loras=prompt_loras,
         **inpaint,
         controlnets=controlnets,
+        ip_image=ip_image,
+        ip_scale=ip_scale,
     )
     job = checked(job, config, {**A1111_FIELDS, **A1111_INPAINT_FIELDS, "strength": "denoising_strength"})
     call = replace(job, num_images=body.batch_size)
@@ -586,6 +643,8 @@ def openai_call(
     lora_list: list | None = None,
     loras: dict[str, Path] | None = None,
     controlnets: tuple = (),
+    ip_image: Image.Image | None = None,
+    ip_scale: float | None = None,
     **inpaint,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
@@ -609,5 +668,7 @@ def openai_call(
         loras=chosen,
         **inpaint,  # mask, mask_blur, masked_content, inpaint_padding, paste_back (edits)
         controlnets=controlnets,
+        ip_image=ip_image,
+        ip_scale=DEFAULT_IP_SCALE if ip_scale is None else ip_scale,
     )
     return checked(request, config, OPENAI_FIELDS)

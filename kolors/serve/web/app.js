@@ -12,6 +12,7 @@ let interrupted = false; // the user pressed Interrupt during the current reques
 let run = 0; // counts requests, so a poller left over from the last one stops
 let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
 let controlImage = null; // data: URL of the ControlNet's image, sent as sd-webui-controlnet's unit image
+let ipImage = null; // data: URL of the reference image, sent as sd-webui-controlnet's IP-Adapter unit
 
 // ---- talking to the server ----
 
@@ -128,6 +129,12 @@ function buildRequest() {
       control_mode: "Balanced",
     };
     body.alwayson_scripts = { ControlNet: { args: [unit] } };
+  }
+  if (ipImage) {
+    // The reference image as sd-webui-controlnet's IP-Adapter unit, beside a ControlNet unit if there is one.
+    const unit = { module: "ip-adapter", image: ipImage, weight: Number($("ip-scale").value) };
+    body.alwayson_scripts = body.alwayson_scripts || { ControlNet: { args: [] } };
+    body.alwayson_scripts.ControlNet.args.push(unit);
   }
   return body;
 }
@@ -359,6 +366,29 @@ function readControlImage(file) {
   reader.readAsDataURL(file);
 }
 
+// ---- reference image (IP-Adapter) ----
+
+function readReference(file) {
+  showError("");
+  if (!file) return clearReference();
+  const reader = new FileReader();
+  reader.onload = () => {
+    const probe = new Image();
+    probe.onload = () => {
+      ipImage = reader.result;
+      $("ip-preview").src = ipImage;
+      $("ip-box").hidden = false;
+      $("ip-scale").disabled = false;
+    };
+    probe.onerror = () => {
+      clearReference();
+      showError(`${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file.`);
+    };
+    probe.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
 // The preprocessor's map of the control image, from the server's /controlnet/detect.
 async function showControlPreview() {
   if (!controlImage) return;
@@ -391,6 +421,14 @@ async function loadControlNets() {
   $("control-model").replaceChildren(...models.map((m) => new Option(m, m)));
   const modules = (await api("controlnet/module_list")).module_list || ["none"];
   $("control-module").replaceChildren(...modules.map((m) => new Option(m, m)));
+}
+
+function clearReference() {
+  ipImage = null;
+  $("ip-image").value = "";
+  $("ip-preview").removeAttribute("src");
+  $("ip-box").hidden = true;
+  $("ip-scale").disabled = true;
 }
 
 // ---- gallery ----
@@ -563,6 +601,9 @@ function init() {
   $("control-module").addEventListener("change", showControlPreview);
   $("clear-control").addEventListener("click", clearControl);
   $("control-scale").addEventListener("input", () => ($("control-scale-value").value = Number($("control-scale").value).toFixed(2)));
+  $("ip-scale").addEventListener("input", () => ($("ip-scale-value").value = Number($("ip-scale").value).toFixed(2)));
+  $("ip-image").addEventListener("change", () => readReference($("ip-image").files[0]));
+  $("clear-ip").addEventListener("click", clearReference);
   $("generate-form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
