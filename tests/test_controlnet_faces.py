@@ -322,3 +322,32 @@ def test_every_sampler_takes_a_controlnet(pipe):
     early = pipe("a cat", **kwargs, control_image=pipe_canny(photo()), control_guidance_end=0.5).images
     assert np.abs(late - plain).max() > 0 and np.abs(early - plain).max() > 0
     assert np.abs(late - early).max() > 0
+
+
+def test_the_webuiapi_package_gets_images_with_a_controlnet_unit_and_an_inpaint_mask(pipe):
+    """The `webuiapi` client, as A1111 users script it, against kolors over real HTTP."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from kolors.serve import ServerConfig, create_app
+    from tests.server_helpers import live_server
+
+    with live_server(create_app(pipe, ServerConfig(max_steps=4, max_width=128, max_height=128))) as base:
+        api = webuiapi.WebUIApi(baseurl=f"{base}/sdapi/v1", sampler="Euler", steps=2)
+        unit = webuiapi.ControlNetUnit(image=photo(), module="canny", model="edges", weight=0.7)
+        result = api.txt2img(prompt="a cat", width=64, height=64, seed=3, controlnet_units=[unit])
+        assert result.image.size == (64, 64)
+        assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 0.7' in result.info["infotexts"][0]
+
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        result = api.img2img(
+            images=[photo()],
+            mask_image=mask,
+            prompt="a hat",
+            seed=4,
+            denoising_strength=0.9,
+            mask_blur=0,
+            width=64,
+            height=64,
+        )
+        assert result.image.size == (64, 64)
+        assert "Mask blur: 0" in result.info["infotexts"][0]
