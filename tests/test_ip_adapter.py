@@ -362,3 +362,40 @@ def test_with_a_lora_matches_diffusers(pipe, reference, reference_pipeline, tmp_
     finally:
         reference.unload_lora_weights()
         pipe.unload_lora_weights()
+
+
+def test_with_inpainting_matches_diffusers(pipe, reference):
+    """IP-Adapter and a mask together: diffusers' SDXL inpaint pipeline with the same adapted UNet and image
+    encoder, fed diffusers' Kolors prompt embeddings (as tests/test_inpaint.py)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from tests.test_inpaint import box_mask
+    from tests.test_pipeline import init_image
+
+    ref = StableDiffusionXLInpaintPipeline(
+        vae=reference.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=reference.unet, scheduler=reference.scheduler, image_encoder=reference.image_encoder,
+        feature_extractor=reference.feature_extractor, add_watermarker=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    e, neg, pooled, neg_pooled = reference.encode_prompt("a hat", "cpu", 1, True, negative_prompt="")
+    embeds = dict(
+        prompt_embeds=e,
+        negative_prompt_embeds=neg,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=neg_pooled,
+    )
+    ref.set_ip_adapter_scale(0.6)
+    pipe.set_ip_adapter_scale(0.6)
+    kwargs = dict(image=init_image(64, 64), mask_image=box_mask(), height=64, width=64, num_inference_steps=3)
+    reference_image = photo(48, 64, seed=2)
+    theirs = ref(
+        **embeds,
+        **kwargs,
+        guidance_scale=5.0,
+        ip_adapter_image=reference_image,
+        generator=gen(),
+        output_type="np",
+    ).images
+    ours = pipe("a hat", **kwargs, ip_adapter_image=reference_image, generator=gen(), output_type="np").images
+    assert_close(ours, theirs)
