@@ -368,3 +368,24 @@ def test_bench_smoke(capsys):
     out = capsys.readouterr().out
     assert "diffusers+cn / kolors+cn" in out
     assert float(out.split("max |diff| of the two steps ")[1].split()[0]) < 1e-4
+
+
+def test_with_inpainting_matches_diffusers(pipe, reference_pipeline, reference_controlnets, embeds):
+    """A ControlNet and a mask together: diffusers' StableDiffusionXLControlNetInpaintPipeline, base UNet."""
+    from diffusers import StableDiffusionXLControlNetInpaintPipeline
+
+    from tests.test_inpaint import box_mask
+
+    ref = StableDiffusionXLControlNetInpaintPipeline(
+        vae=reference_pipeline.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        unet=reference_pipeline.unet, controlnet=reference_controlnets[0], scheduler=reference_pipeline.scheduler,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    kwargs = dict(**SIZE, controlnet_conditioning_scale=0.7, strength=0.999, num_inference_steps=4)
+    common = dict(image=init_image(), mask_image=box_mask(), control_image=control_image(64, 64))
+    theirs = ref(**embeds, **kwargs, **common, guidance_scale=5.0, generator=gen(5), output_type="np").images
+    ours = pipe(
+        "一只戴着帽子的猫", **kwargs, **common, controlnet="cn-edges", generator=gen(5), output_type="np"
+    ).images
+    assert_close(ours, theirs)
