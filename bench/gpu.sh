@@ -11,6 +11,10 @@
 #   unet      one full-size UNet step at 128x128 latents (1024 px) with CFG, fp16, eager and torch.compile
 #   encode    encode_prompt at full ChatGLM3 size, fp16, diffusers against kolors
 #   quant     the int8 and int4 text encoders against fp16 at full size: time, bytes, deviation
+# Adapter steps, not in the default list (ask for them: STEPS="controlnet ipadapter train" bash bench/gpu.sh):
+#   controlnet  one full-size step with a ControlNet at 128x128 latents, fp16: diffusers, kolors, the bare step
+#   ipadapter   one full-size step with IP-Adapter-Plus at 128x128 latents, fp16, and the image encoder's time
+#   train       LoRA training at 1024x1024, batch 1, bf16, gradient checkpointing: seconds per step, peak memory
 # Needs a CUDA build of torch, diffusers and transformers (the test extra) and the Kolors reference folder
 # ($KOLORS_REFERENCE, default ../shared/kolors-reference). Weights: 17.8 GB in $MODEL (default /dev/shm, or /tmp).
 set -u
@@ -67,4 +71,9 @@ has unet && step unet 240 $PY bench/bench_unet.py --device cuda --dtype float16 
 has encode && step encode 120 $PY bench/bench_text_encoder.py --device cuda --dtype float16 --warmup 2 --repeats 5
 has quant && step quant 240 bash -c 'for q in int8 int4; do "$0" bench/bench_text_encoder.py --device cuda \
     --dtype float16 --quant $q --warmup 2 --repeats 5 || exit; done' "$PY"
+has controlnet && step controlnet 300 $PY bench/bench_controlnet.py --device cuda --dtype float16 --latent 128 \
+    --warmup 3 --repeats 10
+has ipadapter && step ipadapter 300 $PY bench/bench_ip_adapter.py --device cuda --dtype float16 --latent 128 \
+    --warmup 3 --repeats 10
+has train && step train 400 $PY bench/bench_train_lora.py --device cuda --dtype bfloat16 --resolution 1024 --steps 5
 exit 0
