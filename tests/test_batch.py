@@ -215,6 +215,8 @@ def test_jsonl_fields_ids_and_bad_lines(pipe, tmp_path, capsys):
         "image_hash": None,
         "mask": None,
         "mask_hash": None,
+        "ip_image": None,
+        "ip_scale": 0.5,
         "model": None,
     }
     assert (yak["steps"], yak["sampler"], yak["line"]) == (2, "dpmpp-2m", 8)
