@@ -206,7 +206,8 @@ def test_a1111_other_units_and_bad_units_are_422(client, ref_png):
         r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}:"), r.text
 
-    post([unit(b64(ref_png), module="canny")], "alwayson_scripts")
+    # A ControlNet unit goes to the ControlNet parser, which knows no ControlNet on this server.
+    post([unit(b64(ref_png), module="canny")], "alwayson_scripts.ControlNet.args[0].model")
     post([unit("not base64!")], "alwayson_scripts.ControlNet.args[0].image")
     post([unit(b64(ref_png), weight=-1)], "alwayson_scripts.ControlNet.args[0].weight")
     post([unit(b64(ref_png)), unit(b64(ref_png))], "alwayson_scripts.ControlNet.args")
@@ -274,7 +275,7 @@ def test_batch_jobs_with_a_reference_image(pipe, ref_png, tmp_path):
 
 def test_controlnet_unit_parsing():
     pytest.importorskip("pydantic")
-    from kolors.serve.schemas import RequestError, ip_adapter_unit, only_ip_adapter_units
+    from kolors.serve.schemas import RequestError, ip_adapter_unit, is_ip_adapter_unit
 
     ip = {"module": "ip-adapter_clip_sdxl", "image": {"image": "AAAA", "mask": None}, "weight": 0.4}
     off = {"module": "canny", "enabled": False, "image": "BBBB"}
@@ -283,10 +284,9 @@ def test_controlnet_unit_parsing():
         "AAAA",
         0.4,
     )
-    assert only_ip_adapter_units({"ControlNet": {"args": [off, ip]}})
+    assert is_ip_adapter_unit(ip) and not is_ip_adapter_unit(off)
     assert ip_adapter_unit({"ControlNet": {"args": [{"module": "ip-adapter", "image": "A"}]}})[2] == 0.5
-    assert not only_ip_adapter_units({"ControlNet": {"args": [ip]}, "ADetailer": {"args": []}})
-    assert not only_ip_adapter_units({"ControlNet": {"args": [{"module": "depth", "image": "A"}]}})
+    assert ip_adapter_unit({"controlnet": {"args": [ip]}})[2] == 0.4  # the key matched as A1111 matches it
     assert ip_adapter_unit(None) is None and ip_adapter_unit({"ControlNet": {"args": [off]}}) is None
     with pytest.raises(RequestError, match="needs its reference image"):
         ip_adapter_unit({"ControlNet": {"args": [{"module": "ip-adapter", "image": None}]}})
