@@ -4,6 +4,8 @@ and is skipped where Ray Serve is not installed (it needs ray[serve]: grpcio, ai
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import sys
@@ -22,6 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from kolors import KolorsPipeline  # noqa: E402
 from kolors.cli import main  # noqa: E402
+from kolors.errors import KolorsError  # noqa: E402
 from kolors.serve import ServerConfig, create_app  # noqa: E402
 from kolors.serve.on_ray import RemotePipe, Replica, Scaling, check_address  # noqa: E402
 from tests.server_helpers import GatedPipe, decode_png, live_server, wait_until  # noqa: E402
@@ -32,29 +35,58 @@ BODY = {"prompt": "一只瓢虫, macro photo", "steps": 2, "width": 48, "height"
 
 
 class Response:
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
+    def __init__(self, value):
+        self.value = value
 
     def result(self):
-        return self.fn(*self.args)
+        return self.value
 
 
-class Method:
-    def __init__(self, fn):
-        self.fn = fn
+class Stream:
+    """A DeploymentResponseGenerator stand-in: drives the replica's async generator on a loop of its own,
+    and cancel() injects CancelledError into it as Ray Serve does."""
 
-    def remote(self, *args):
-        return Response(self.fn, *args)
+    def __init__(self, agen):
+        self.agen, self.loop, self.cancelled = agen, asyncio.new_event_loop(), False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.loop.run_until_complete(self.agen.__anext__())
+        except StopAsyncIteration:
+            self.loop.close()
+            raise StopIteration from None
+
+    def cancel(self):
+        self.cancelled = True
+        try:
+            self.loop.run_until_complete(self.agen.athrow(asyncio.CancelledError()))
+        except (StopAsyncIteration, asyncio.CancelledError):
+            pass
+        self.loop.close()
 
 
 class LocalHandle:
-    """A DeploymentHandle stand-in: handle.METHOD.remote(...).result() calls the Replica here."""
+    """A DeploymentHandle stand-in: handle.options(stream=...).METHOD.remote(...) calls the Replica here."""
 
     def __init__(self, replica):
-        self.replica = replica
+        self.replica, self.streams = replica, []
+
+    def options(self, stream: bool = False):
+        return self
 
     def __getattr__(self, name):
-        return Method(getattr(self.replica, name))
+        method = getattr(self.replica, name)
+        return types.SimpleNamespace(remote=lambda *args: self._call(method, *args))
+
+    def _call(self, method, *args):
+        value = method(*args)
+        if inspect.isasyncgen(value):
+            self.streams.append(Stream(value))
+            return self.streams[-1]
+        return Response(value)
 
 
 class BackPressureError(Exception):
@@ -102,9 +134,8 @@ def test_replicas_answer_as_the_single_process_server(replica, pipe):
 
 
 def test_a_full_queue_answers_429_with_retry_after(replica):
-    gated = GatedPipe(replica.pipe, hold_at=0)
-    held = types.SimpleNamespace(pipe=gated, info=replica.info)
-    held.generate = lambda request: Replica.generate(held, request)
+    held = Replica.__new__(Replica)
+    held.pipe = gated = GatedPipe(replica.pipe, hold_at=0)
     app = remote_app(held, slots=1, queue_size=1, **LIMITS)
     with live_server(app) as base:
         with ThreadPoolExecutor(6) as pool:
@@ -125,14 +156,78 @@ def test_a_full_queue_answers_429_with_retry_after(replica):
 def test_ray_serve_back_pressure_is_a_429(replica):
     remote = RemotePipe(LocalHandle(replica), replica.info())
 
-    def refuse(request):
+    def refuse(request, preview_every):
         raise BackPressureError("max_queued_requests reached")
 
-    remote.handle = LocalHandle(types.SimpleNamespace(generate=refuse))
+    remote.handle = LocalHandle(types.SimpleNamespace(stream=refuse))
     app = create_app([remote], ServerConfig(**LIMITS))
     with TestClient(app, base_url=BASE) as client:
         r = client.post("/sdapi/v1/txt2img", json=BODY)
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+
+
+def test_progress_moves_per_step_and_an_interrupt_stops_the_replica(replica):
+    """Held at the second call's second step: /progress shows it with a preview; an interrupt cancels the
+    replica's stream and the answer has the first call's image."""
+    held = Replica.__new__(Replica)
+    held.pipe = gated = GatedPipe(replica.pipe, hold_at=4)  # 3 steps a call
+    handle = LocalHandle(held)
+    app = create_app([RemotePipe(handle, replica.info())], ServerConfig(**LIMITS))
+    with live_server(app) as base:
+        with ThreadPoolExecutor(1) as pool:
+            body = {**BODY, "n_iter": 2, "steps": 3}
+            answer = pool.submit(httpx.post, f"{base}/sdapi/v1/txt2img", json=body, timeout=120)
+            try:
+                wait_until(gated.holding.is_set, "the second call's second step")
+                running = app.state.queue.running
+                wait_until(
+                    lambda: running() and (running()[0].call, running()[0].step) == (1, 1), "its event"
+                )
+                shown = httpx.get(f"{base}/sdapi/v1/progress", timeout=60).json()
+                assert (shown["state"]["job_no"], shown["state"]["sampling_step"]) == (1, 1)
+                assert shown["progress"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-4)
+                w, h = decode_png(shown["current_image"]).size  # the latents' preview, from the replica
+                assert w * 32 == h * 48
+                assert httpx.post(f"{base}/sdapi/v1/interrupt", timeout=60).status_code == 200
+            finally:
+                gated.release.set()
+            r = answer.result()
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 1 and json.loads(r.json()["info"])["all_seeds"] == [5]
+    assert handle.streams[-1].cancelled
+
+
+class Failing:
+    """The pipeline, except that a call raises `error`."""
+
+    def __init__(self, pipe, error):
+        self._pipe, self.error = pipe, error
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, status, text",
+    [
+        (
+            KolorsError("the mask is empty; paint the area to change"),
+            422,
+            "the mask is empty; paint the area",
+        ),
+        (RuntimeError("boom\nsecond line"), 500, "generation failed (RemoteError)"),
+    ],
+)
+def test_a_replica_error_answers_one_line(replica, error, status, text):
+    held = Replica.__new__(Replica)
+    held.pipe = Failing(replica.pipe, error)
+    app = create_app([RemotePipe(LocalHandle(held), replica.info())], ServerConfig(**LIMITS))
+    with TestClient(app, base_url=BASE) as client:
+        r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == status and text in r.text and "Traceback" not in r.text, r.text
 
 
 def test_ready_shows_the_replicas(replica):

@@ -7,15 +7,19 @@ the key, the 429s and the errors of a single-process server, and each of its wor
 replicas through a DeploymentHandle instead of running it. Ray Serve spreads those calls over the replicas and,
 with autoscaling, adds replicas while calls wait.
 
-What this does not (yet) carry across the process boundary: per-step progress and previews (a job's progress
-moves per call), and stopping a running call between steps (an interrupt or a client gone cancels the handle's
-call; the replica finishes its current call).
+A call streams its steps back to the ingress, so /sdapi/v1/progress moves per step with previews as on one
+machine, and cancelling it (a client gone, /sdapi/v1/interrupt) stops the replica after its current step. What
+differs: an interrupt answers the images of the calls finished before it, without the running call's partial
+image (a cancelled stream carries nothing back).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
@@ -133,21 +137,63 @@ class Replica:
             name=pipe.name, native_size=pipe.native_size, label=pipe.label, controlnets=list(pipe.controlnets)
         )
 
-    def generate(self, request: GenerationRequest) -> list[tuple[Any, int, GenerationRequest]]:
-        """(image, seed, request with its LoRAs' hashes) for each image of one pipeline call, as a local
-        worker of kolors.serve.jobs makes them."""
+    async def stream(self, request: GenerationRequest, preview_every: int = 1):
+        """One pipeline call as events: ("step", step, steps, first image's denoised latents or None) after
+        each step, then ("done", generate's list) or ("error", is_kolors_error, one line). Ray Serve cancels
+        this generator when the ingress cancels the call (an interrupt, a client gone): the call then stops
+        after its current step."""
         from kolors.pipeline import generate, lora_hashes
+        from kolors.serve.jobs import Interrupted
 
-        return [
-            (image, seed, lora_hashes(self.pipe, request)) for image, seed in generate(self.pipe, request)
-        ]
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        put = partial(loop.call_soon_threadsafe, events.put_nowait)
+
+        def on_step(step: int, steps: int, latents, denoised) -> None:
+            shown = preview_every and (step + 1) % preview_every == 0
+            put(("step", step, steps, denoised[:1].cpu() if shown else None))
+            if stop.is_set():
+                raise Interrupted
+
+        def work() -> None:
+            try:
+                made = generate(self.pipe, request, callback=on_step)
+                put(("done", [(image, seed, lora_hashes(self.pipe, request)) for image, seed in made]))
+            except Interrupted:
+                put(("error", False, "interrupted"))
+            except Exception as e:  # as data: a raised one reaches the ingress wrapped in Ray's traceback
+                text = str(e).strip().splitlines()
+                kolors = isinstance(e, KolorsError)
+                put(
+                    (
+                        "error",
+                        kolors,
+                        text[0] if kolors and text else f"{type(e).__name__}: {text[0] if text else ''}",
+                    )
+                )
+
+        task = loop.run_in_executor(None, work)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event[0] != "step":
+                    return
+        finally:
+            stop.set()
+            await task  # the replica takes its next call only once this one let go of the device
+
+    def preview(self, latents) -> list:
+        """The pipeline's cheap preview of latents a stream sent (for /sdapi/v1/progress)."""
+        return self.pipe.preview(latents)
 
 
 class RemotePipe:
     """What create_app and its JobQueue need of a pipeline, with the calls going to the replicas."""
 
-    def __init__(self, handle, info: dict[str, Any]):
-        self.handle = handle
+    def __init__(self, handle, info: dict[str, Any], preview_every: int = 1):
+        self.handle, self.preview_every = handle, preview_every
         self.name, self.native_size, self.label = info["name"], info["native_size"], info["label"]
         self.controlnets = dict.fromkeys(info["controlnets"])
 
@@ -155,19 +201,43 @@ class RemotePipe:
         pass  # the replicas' bars are off
 
     def preview(self, latents) -> list:
-        return []  # no latents cross the process boundary, so /progress never asks for one
+        return self.handle.preview.remote(latents).result()  # called from a thread, never the event loop
 
     def serve_call(
         self, request: GenerationRequest, callback=None
     ) -> list[tuple[Any, int, GenerationRequest]]:
-        """One pipeline call on a replica (kolors.serve.jobs calls this instead of running the pipeline)."""
-        try:
-            return self.handle.generate.remote(request).result()
+        """One pipeline call on a replica (kolors.serve.jobs calls this instead of running the pipeline):
+        its steps reach `callback` as a local call's do, and what `callback` raises to stop it cancels it."""
+        from kolors.pipeline import StopSampling
+        from kolors.serve.jobs import Interrupted
+
+        events = None
+        try:  # Ray Serve raises BackPressureError from remote() or from the first event
+            events = self.handle.options(stream=True).stream.remote(request, self.preview_every)
+            for event in events:
+                if event[0] == "step":
+                    if callback is not None:
+                        callback(event[1], event[2], None, event[3])
+                elif event[0] == "done":
+                    return event[1]
+                else:
+                    _, kolors, text = event
+                    raise KolorsError(text) if kolors else RemoteError(text)
+        except (Interrupted, StopSampling) as e:
+            events.cancel()  # set: only an event's callback raises these
+            if isinstance(e, StopSampling):
+                return []  # an interrupt: the images of the calls before this one are the answer
+            raise
         except Exception as e:
             # Ray Serve's max_queued_requests turned the call away: the client's 429, as a full JobQueue's.
             if type(e).__name__ == "BackPressureError":
                 raise QueueFull(0, 1) from None
             raise
+        raise RemoteError("the replica's call ended without an answer")
+
+
+class RemoteError(Exception):
+    """A replica's call failed for a reason that is not the request's (its log has the traceback)."""
 
 
 class Ingress:
@@ -180,7 +250,8 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from kolors.serve.app import create_app
 
-        app = create_app([RemotePipe(self.replica, self.info) for _ in range(self.slots)], self.config)
+        pipes = [RemotePipe(self.replica, self.info, self.config.preview_every) for _ in range(self.slots)]
+        app = create_app(pipes, self.config)
         app.state.replicas = replica_counts
         return app
 
