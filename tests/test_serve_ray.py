@@ -230,6 +230,35 @@ def test_a_replica_error_answers_one_line(replica, error, status, text):
     assert r.status_code == status and text in r.text and "Traceback" not in r.text, r.text
 
 
+class RayActorError(Exception):
+    """Named as Ray's, which is all RemotePipe looks at."""
+
+
+class ActorDiedError(RayActorError):
+    pass
+
+
+@pytest.mark.parametrize("deaths, status", [(1, 200), (2, 500)])
+def test_a_replica_that_dies_during_a_call_costs_one_retry(replica, deaths, status):
+    calls = []
+
+    def dying(request, preview_every):
+        calls.append(request)
+        if len(calls) <= deaths:
+            raise ActorDiedError("The actor died unexpectedly before finishing this task.")
+        return replica.stream(request, preview_every)
+
+    handle = LocalHandle(types.SimpleNamespace(stream=dying))
+    app = create_app([RemotePipe(handle, replica.info())], ServerConfig(**LIMITS))
+    with TestClient(app, base_url=BASE) as client:
+        r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == status and len(calls) == 2, r.text
+    if status == 200:
+        assert json.loads(r.json()["info"])["all_seeds"] == [5]
+    else:
+        assert "generation failed (RemoteError)" in r.text
+
+
 def test_ready_shows_the_replicas(replica):
     app = remote_app(replica, **LIMITS)
     with TestClient(app, base_url=BASE) as client:

@@ -16,6 +16,7 @@ image (a cancelled stream carries nothing back).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from kolors.errors import KolorsError
 from kolors.request import GenerationRequest
 from kolors.serve.jobs import QueueFull
 from kolors.serve.schemas import ServerConfig
+
+log = logging.getLogger("kolors.server")
 
 INSTALL = 'pip install "kolors[ray]"'
 APP_NAME = "kolors"
@@ -207,7 +210,23 @@ class RemotePipe:
         self, request: GenerationRequest, callback=None
     ) -> list[tuple[Any, int, GenerationRequest]]:
         """One pipeline call on a replica (kolors.serve.jobs calls this instead of running the pipeline):
-        its steps reach `callback` as a local call's do, and what `callback` raises to stop it cancels it."""
+        its steps reach `callback` as a local call's do, and what `callback` raises to stop it cancels it.
+        A replica that dies during the call (killed, its node lost) costs one retry on another one, which Ray
+        Serve starts in its place."""
+        try:
+            return self._call(request, callback)
+        except Exception as e:
+            if not _replica_died(e):
+                raise
+            log.warning("a replica stopped during a call (%s); running it again on another", type(e).__name__)
+        try:
+            return self._call(request, callback)
+        except Exception as e:
+            if not _replica_died(e):
+                raise
+            raise RemoteError(f"the replicas stopped during the call twice ({type(e).__name__})") from None
+
+    def _call(self, request: GenerationRequest, callback) -> list[tuple[Any, int, GenerationRequest]]:
         from kolors.pipeline import StopSampling
         from kolors.serve.jobs import Interrupted
 
@@ -234,6 +253,11 @@ class RemotePipe:
                 raise QueueFull(0, 1) from None
             raise
         raise RemoteError("the replica's call ended without an answer")
+
+
+def _replica_died(e: Exception) -> bool:
+    """Ray's errors for an actor gone (by name: the ingress imports no Ray module it need not)."""
+    return any(c.__name__ in ("RayActorError", "ActorUnavailableError") for c in type(e).__mro__)
 
 
 class RemoteError(Exception):
