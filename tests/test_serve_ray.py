@@ -316,6 +316,23 @@ def test_bad_ray_options_exit_2_naming_them(tmp_path, fake_serve, capsys, args, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({}, "needs model"),
+        ({"model": "m", "queue": "3"}, "has no option 'queue'; it takes allowed_hosts, api_key"),
+        ({"model": "m", "queue_size": "many"}, "queue_size must be a number, not 'many'"),
+        ({"model": "m", "replicas": "two"}, "replica options"),
+        ({"model": "m", "queue_size": "0"}, "queue-size must be at least 1"),
+    ],
+)
+def test_the_serve_app_builder_names_a_bad_option(args, message):
+    from kolors.serve.on_ray import app
+
+    with pytest.raises(KolorsError, match=message):
+        app(args)
+
+
 def test_scaling_becomes_deployment_options():
     assert Scaling(replicas=None, min_replicas=1, max_replicas=3, gpus_per_replica=0.5).options(8) == dict(
         max_ongoing_requests=1,
@@ -350,9 +367,9 @@ def test_on_ray_serve_two_cpu_replicas_match_the_local_server(tiny_model_dir, pi
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}},
     )
     try:
-        options = dict(model=str(tiny_model_dir), dtype="float32", device="cpu")
-        scaling = Scaling(replicas=2, max_replicas=2, cpus_per_replica=0.5)
-        app = on_ray.build(options, [], ServerConfig(**LIMITS), scaling)
+        # as `serve run kolors.serve.on_ray:app key=value ...` and a RayService pass them: strings
+        options = dict(model=str(tiny_model_dir), dtype="float32", device="cpu", replicas="2")
+        app = on_ray.app({**options, "cpus_per_replica": "0.5", **{k: str(v) for k, v in LIMITS.items()}})
         serve.start(http_options={"host": "127.0.0.1", "port": 8765})
         serve.run(app, name=on_ray.APP_NAME, route_prefix="/")
         base = "http://127.0.0.1:8765"

@@ -300,6 +300,53 @@ def build(model_options: dict, controlnets: list[tuple[str, str]], config: Serve
     return ingress.bind(replica.bind(model_options, controlnets, threads), config, scaling.most)
 
 
+def app(args: dict[str, Any]):
+    """The Serve application from plain options, for `serve run kolors.serve.on_ray:app model=DIR replicas=2`
+    and KubeRay's RayService (serveConfigV2's import_path and args). Keys: model, dtype, device, variant,
+    replicas (N or auto), min_replicas, max_replicas, gpus_per_replica, cpus_per_replica, and ServerConfig's
+    fields (queue_size, api_key, lora_dir, max_width, ...); values may be strings, as `serve run` passes them."""
+    import dataclasses
+
+    args = dict(args)
+    model_options = {k: str(args.pop(k)) for k in ("model", "dtype", "device", "variant") if k in args}
+    if "model" not in model_options:
+        raise KolorsError(
+            "the Ray Serve app needs model: the Kolors-diffusers folder (on every node) or repo id"
+        )
+    replicas = str(args.pop("replicas", "1"))
+    try:
+        fixed = None if replicas == "auto" else int(replicas)
+        scaling = Scaling(
+            replicas=fixed,
+            min_replicas=int(args.pop("min_replicas", 1)),
+            max_replicas=int(args.pop("max_replicas", fixed or 4)),
+            gpus_per_replica=float(args.pop("gpus_per_replica", 0.0)),
+            cpus_per_replica=float(args.pop("cpus_per_replica", 1.0)),
+        )
+    except ValueError as e:
+        raise KolorsError(f"the Ray Serve app's replica options: {e}") from None
+    fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    values = {}
+    for key, value in args.items():
+        if key not in fields:
+            raise KolorsError(
+                f"the Ray Serve app has no option {key!r}; it takes {', '.join(sorted(fields))}"
+            )
+        default = fields[key].default
+        if isinstance(value, str) and isinstance(default, tuple):
+            value = tuple(v for v in value.split(",") if v)
+        elif isinstance(value, str) and isinstance(default, (int, float)):
+            try:
+                value = type(default)(value)
+            except ValueError:
+                raise KolorsError(f"the Ray Serve app's {key} must be a number, not {value!r}") from None
+        values[key] = value
+    config = ServerConfig(**values)
+    config.check()
+    scaling.check()
+    return build(model_options, [], config, scaling)
+
+
 def run(
     model_options: dict,
     controlnets: list[tuple[str, str]],
