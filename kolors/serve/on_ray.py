@@ -137,7 +137,10 @@ class Replica:
         """What the ingress's app shows of the model."""
         pipe = self.pipe
         return dict(
-            name=pipe.name, native_size=pipe.native_size, label=pipe.label, controlnets=list(pipe.controlnets)
+            name=pipe.name,
+            native_size=pipe.native_size,
+            label=pipe.label,
+            controlnets=list(getattr(pipe, "controlnets", {})),
         )
 
     async def stream(self, request: GenerationRequest, preview_every: int = 1):
