@@ -333,6 +333,30 @@ def test_the_serve_app_builder_names_a_bad_option(args, message):
         app(args)
 
 
+def test_the_cli_hands_ray_absolute_paths_and_its_options(tiny_model_dir, fake_serve, monkeypatch, tmp_path):
+    from kolors.serve import on_ray
+
+    seen = {}
+    monkeypatch.setattr(on_ray, "run", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    monkeypatch.chdir(tiny_model_dir.parent)
+    (tmp_path / "loras").mkdir()
+    argv = ["serve", "--model", tiny_model_dir.name, "--ray", "--replicas", "auto", "--max-replicas", "3"]
+    argv += [
+        "--gpus-per-replica",
+        "0.5",
+        "--queue-size",
+        "5",
+        "--lora-dir",
+        os.path.relpath(tmp_path / "loras"),
+    ]
+    assert main(argv) == 0
+    model_options, controlnets, config, scaling = seen["args"]
+    assert model_options["model"] == str(Path(tiny_model_dir).resolve())
+    assert config.lora_dir == str((tmp_path / "loras").resolve()) and config.queue_size == 5
+    assert scaling == Scaling(replicas=None, min_replicas=1, max_replicas=3, gpus_per_replica=0.5)
+    assert seen["kwargs"]["address"] is None and controlnets == []
+
+
 def test_scaling_becomes_deployment_options():
     assert Scaling(replicas=None, min_replicas=1, max_replicas=3, gpus_per_replica=0.5).options(8) == dict(
         max_ongoing_requests=1,
@@ -350,7 +374,8 @@ def test_scaling_becomes_deployment_options():
 
 @pytest.mark.slow
 def test_on_ray_serve_two_cpu_replicas_match_the_local_server(tiny_model_dir, pipe):
-    """Slow (a local Ray and two replicas start: tens of seconds here)."""
+    """Slow (a local Ray and two replicas start: about a minute here): the same images as the single-process
+    server, /ready with the replicas, and a killed replica costs no request."""
     ray = pytest.importorskip("ray")
     try:
         from ray import serve
@@ -390,6 +415,22 @@ def test_on_ray_serve_two_cpu_replicas_match_the_local_server(tiny_model_dir, pi
             got, want = np.asarray(decode_png(r.json()["images"][0])), np.asarray(decode_png(e["images"][0]))
             # A replica runs its own torch thread count: float32 sums in another order round a pixel apart.
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+        # A replica killed: the calls still succeed (on the other one, or retried), and Serve replaces it.
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        victim = next(n for n in names if "KolorsReplica" in n)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        with ThreadPoolExecutor(2) as pool:
+            again = list(
+                pool.map(
+                    lambda s: httpx.post(f"{base}/sdapi/v1/txt2img", json={**BODY, "seed": s}, timeout=120),
+                    (5, 6),
+                )
+            )
+        assert [r.status_code for r in again] == [200, 200], [r.text for r in again]
+        assert [info(r.json()) for r in again] == [info(e) for e in expected]
+        running = lambda: httpx.get(f"{base}/ready", timeout=60).json()["replicas"]  # noqa: E731
+        wait_until(lambda: running() == {"RUNNING": 2}, "Serve to replace the replica")
     finally:
         serve.shutdown()
         ray.shutdown()
