@@ -287,7 +287,10 @@ def replica_counts() -> dict[str, int]:
     """Replicas of the model by state (RUNNING, STARTING, ...), from the Serve controller, for /ready."""
     from ray import serve
 
-    deployment = serve.status().applications[APP_NAME].deployments[REPLICA]
+    try:
+        deployment = serve.status().applications[APP_NAME].deployments[REPLICA]
+    except Exception:  # the controller unreachable or the app gone: not ready, which /ready answers 503
+        return {}
     return {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
 
 
