@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -343,6 +344,29 @@ def add_serve_parser(sub) -> None:
         type=float,
         default=3600.0,
         help="seconds a response_format=url image stays (default: 3600)",
+    )
+    srv.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="ADDRESS",
+        help="serve on Ray Serve replicas: a new local instance, or the cluster at ADDRESS (e.g. auto, "
+        "head:6379, ray://head:10001)",
+    )
+    srv.add_argument(
+        "--replicas",
+        default="1",
+        metavar="N|auto",
+        help="with --ray: model replicas, or auto to scale between --min-replicas and --max-replicas (default: 1)",
+    )
+    srv.add_argument("--min-replicas", type=int, default=1, help="with --replicas auto (default: 1)")
+    srv.add_argument("--max-replicas", type=int, default=4, help="with --replicas auto (default: 4)")
+    srv.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica holds (default: 0)"
+    )
+    srv.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica holds (default: 1)"
     )
 
 
@@ -700,6 +724,8 @@ def serve(args: argparse.Namespace) -> int:
     load_options = {k: v for k in LOAD_OPTIONS if (v := getattr(args, k, None)) is not None}
     controlnets = [parse_named_controlnet(text) for text in args.controlnet]
     check_image_prompt_options(args)
+    if args.ray is not False:
+        return serve_on_ray(args, config, load_options, controlnets)
     check_hub(args.model)
     pipe = KolorsPipeline.from_pretrained(
         args.model, dtype=args.dtype, device=args.device, variant=args.variant, **load_options
@@ -707,6 +733,46 @@ def serve(args: argparse.Namespace) -> int:
     for name, path in controlnets:  # requests name them; loaded before the port is taken
         pipe.load_controlnet(path, name=name)
     run(pipe, config, host=args.host, port=args.port)
+    return 0
+
+
+def serve_on_ray(args: argparse.Namespace, config, load_options: dict, controlnets: list) -> int:
+    """`kolors serve --ray`: options and the cluster's address checked before anything starts."""
+    from kolors.serve import on_ray
+
+    if args.replicas == "auto":
+        replicas = None
+    else:
+        try:
+            replicas = int(args.replicas)
+        except ValueError:
+            raise KolorsError(f"--replicas must be a whole number or auto, not {args.replicas!r}") from None
+    scaling = on_ray.Scaling(
+        replicas=replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas if replicas is None else replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+    )
+    scaling.check()
+    on_ray.require_serve()
+    address = None if args.ray is True else args.ray
+    on_ray.check_address(address)
+    model = args.model
+    if Path(model).is_dir():  # a typo is one line here, not a traceback from every replica
+        from kolors.pipeline import KolorsPipeline
+
+        KolorsPipeline.resolve(model)
+        model = str(Path(model).resolve())  # replicas start in folders of their own
+    else:
+        check_hub(model)
+    if config.lora_dir is not None:  # requests carry the LoRA files' paths to the replicas
+        config = dataclasses.replace(config, lora_dir=str(Path(config.lora_dir).resolve()))
+    controlnets = [(name, str(Path(p).resolve()) if Path(p).exists() else p) for name, p in controlnets]
+    model_options = dict(
+        model=model, dtype=args.dtype, device=args.device, variant=args.variant, **load_options
+    )
+    on_ray.run(model_options, controlnets, config, scaling, address=address, host=args.host, port=args.port)
     return 0
 
 

@@ -272,12 +272,11 @@ class JobQueue:
                 if job._stop.is_set():
                     raise Interrupted
                 job.call, job.step, job.steps, job.preview = i, 0, request.steps, None
-                for image, seed in generate(pipe, request, callback=on_step):
-                    job.results.append((image, seed, lora_hashes(pipe, request)))
+                job.results.extend(_make(pipe, request, on_step))
             return JobState.CANCELLED if job._stop.is_set() else JobState.DONE
         except Interrupted:
             return JobState.CANCELLED
-        except KolorsError as e:
+        except (KolorsError, QueueFull) as e:  # QueueFull: Ray Serve's replicas turned the call away
             job.error = e
             return JobState.FAILED
         except Exception as e:  # the worker must outlive any job; the server answers it as a logged 5xx
@@ -285,6 +284,17 @@ class JobQueue:
             job.error = e
             _free_device_memory()
             return JobState.FAILED
+
+
+def _make(pipe, request: GenerationRequest, on_step) -> list[tuple[Image.Image, int, GenerationRequest]]:
+    """One pipeline call's (image, seed, request with its LoRAs' hashes). A pipe with `serve_call` runs it
+    elsewhere (kolors.serve.on_ray's replicas)."""
+    remote = getattr(pipe, "serve_call", None)
+    if remote is not None:
+        return remote(request, on_step)
+    return [
+        (image, seed, lora_hashes(pipe, request)) for image, seed in generate(pipe, request, callback=on_step)
+    ]
 
 
 def _free_device_memory() -> None:

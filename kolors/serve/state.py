@@ -103,6 +103,9 @@ async def run_job(request: Request, calls: list[GenerationRequest]):
         return job.results
     if job.state is JobState.CANCELLED:
         raise HTTPException(409, "the job was interrupted or cancelled before any image was finished")
+    if isinstance(job.error, QueueFull):
+        e = job.error
+        raise HTTPException(429, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
     if isinstance(job.error, KolorsError):
         raise RequestError(None, str(job.error))
     if "out of memory" in str(job.error).lower():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from kolors.serve.http import error_docs
 from kolors.serve.schemas import OpenAIError
@@ -39,13 +40,18 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     """The model is loaded and its workers take jobs."""
     queue = request.app.state.queue
+    ready = queue.alive
     body = {
-        "ready": queue.alive,
+        "ready": ready,
         "model": request.app.state.model.name,
         "queued": queue.waiting(),
         "running": len(queue.running()),
     }
-    return JSONResponse(body, 200 if queue.alive else 503)
+    replicas = getattr(request.app.state, "replicas", None)  # on Ray Serve: the model's replicas by state
+    if replicas is not None:
+        body["replicas"] = counts = await run_in_threadpool(replicas)
+        body["ready"] = ready = ready and counts.get("RUNNING", 0) > 0
+    return JSONResponse(body, 200 if ready else 503)
 
 
 @router.get("/", include_in_schema=False)

@@ -1,0 +1,436 @@
+"""`kolors serve --ray`: the ingress's app over replicas. Most tests run the Replica class in this process behind
+a stand-in DeploymentHandle (no Ray needed); the slow one deploys on a local Ray Serve with 2 CPU replicas
+and is skipped where Ray Serve is not installed (it needs ray[serve]: grpcio, aiohttp, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from kolors import KolorsPipeline  # noqa: E402
+from kolors.cli import main  # noqa: E402
+from kolors.errors import KolorsError  # noqa: E402
+from kolors.serve import ServerConfig, create_app  # noqa: E402
+from kolors.serve.on_ray import RemotePipe, Replica, Scaling, check_address  # noqa: E402
+from tests.server_helpers import GatedPipe, decode_png, live_server, wait_until  # noqa: E402
+
+BASE = "http://127.0.0.1:7860"
+LIMITS = dict(max_steps=4, max_width=128, max_height=128, max_n=4)
+BODY = {"prompt": "一只瓢虫, macro photo", "steps": 2, "width": 48, "height": 32, "seed": 5}
+
+
+class Response:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class Stream:
+    """A DeploymentResponseGenerator stand-in: drives the replica's async generator on a loop of its own,
+    and cancel() injects CancelledError into it as Ray Serve does."""
+
+    def __init__(self, agen):
+        self.agen, self.loop, self.cancelled = agen, asyncio.new_event_loop(), False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.loop.run_until_complete(self.agen.__anext__())
+        except StopAsyncIteration:
+            self.loop.close()
+            raise StopIteration from None
+
+    def cancel(self):
+        self.cancelled = True
+        try:
+            self.loop.run_until_complete(self.agen.athrow(asyncio.CancelledError()))
+        except (StopAsyncIteration, asyncio.CancelledError):
+            pass
+        self.loop.close()
+
+
+class LocalHandle:
+    """A DeploymentHandle stand-in: handle.options(stream=...).METHOD.remote(...) calls the Replica here."""
+
+    def __init__(self, replica):
+        self.replica, self.streams = replica, []
+
+    def options(self, stream: bool = False):
+        return self
+
+    def __getattr__(self, name):
+        method = getattr(self.replica, name)
+        return types.SimpleNamespace(remote=lambda *args: self._call(method, *args))
+
+    def _call(self, method, *args):
+        value = method(*args)
+        if inspect.isasyncgen(value):
+            self.streams.append(Stream(value))
+            return self.streams[-1]
+        return Response(value)
+
+
+class BackPressureError(Exception):
+    """Named as Ray Serve's, which is all RemotePipe looks at."""
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_model_dir):
+    return Replica(dict(model=str(tiny_model_dir), dtype=torch.float32, device="cpu"), [], threads=None)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+
+
+def remote_app(replica, slots=2, **config):
+    info = replica.info()
+    return create_app([RemotePipe(LocalHandle(replica), info) for _ in range(slots)], ServerConfig(**config))
+
+
+def info(answer: dict) -> dict:
+    """An A1111 answer's info without its clock time."""
+    return {k: v for k, v in json.loads(answer["info"]).items() if k != "job_timestamp"}
+
+
+def txt2img(client, **body):
+    r = client.post("/sdapi/v1/txt2img", json={**BODY, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_replicas_answer_as_the_single_process_server(replica, pipe):
+    with TestClient(create_app(pipe, ServerConfig(**LIMITS)), base_url=BASE) as local:
+        expected = txt2img(local, batch_size=2)
+    with TestClient(remote_app(replica, **LIMITS), base_url=BASE) as remote:
+        got = txt2img(remote, batch_size=2)
+        r = remote.post("/v1/images/generations", json={"prompt": "a cat", "size": "48x32", "steps": 2})
+        assert r.status_code == 200, r.text
+        assert remote.get("/sdapi/v1/sd-models").json()[0]["model_name"] == pipe.name
+    assert info(got) == info(expected)
+    for a, b in zip(got["images"], expected["images"], strict=True):
+        assert (np.asarray(decode_png(a)) == np.asarray(decode_png(b))).all()
+        assert decode_png(a).info["parameters"] == decode_png(b).info["parameters"]
+
+
+def test_a_full_queue_answers_429_with_retry_after(replica):
+    held = Replica.__new__(Replica)
+    held.pipe = gated = GatedPipe(replica.pipe, hold_at=0)
+    app = remote_app(held, slots=1, queue_size=1, **LIMITS)
+    with live_server(app) as base:
+        with ThreadPoolExecutor(6) as pool:
+            post = lambda i: httpx.post(f"{base}/sdapi/v1/txt2img", json={**BODY, "seed": i}, timeout=120)  # noqa: E731
+            futures = [pool.submit(post, i) for i in range(6)]
+            try:
+                queue = app.state.queue
+                wait_until(lambda: queue.submitted + queue.rejected == 6, "all 6 requests to arrive")
+            finally:
+                gated.release.set()
+            answers = [f.result() for f in futures]
+    codes = sorted(r.status_code for r in answers)
+    assert codes.count(200) == queue.submitted and 1 <= codes.count(200) <= 2
+    assert codes.count(429) == 6 - codes.count(200)
+    assert all(int(r.headers["retry-after"]) >= 1 for r in answers if r.status_code == 429)
+
+
+def test_ray_serve_back_pressure_is_a_429(replica):
+    remote = RemotePipe(LocalHandle(replica), replica.info())
+
+    def refuse(request, preview_every):
+        raise BackPressureError("max_queued_requests reached")
+
+    remote.handle = LocalHandle(types.SimpleNamespace(stream=refuse))
+    app = create_app([remote], ServerConfig(**LIMITS))
+    with TestClient(app, base_url=BASE) as client:
+        r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+
+
+def test_progress_moves_per_step_and_an_interrupt_stops_the_replica(replica):
+    """Held at the second call's second step: /progress shows it with a preview; an interrupt cancels the
+    replica's stream and the answer has the first call's image."""
+    held = Replica.__new__(Replica)
+    held.pipe = gated = GatedPipe(replica.pipe, hold_at=4)  # 3 steps a call
+    handle = LocalHandle(held)
+    app = create_app([RemotePipe(handle, replica.info())], ServerConfig(**LIMITS))
+    with live_server(app) as base:
+        with ThreadPoolExecutor(1) as pool:
+            body = {**BODY, "n_iter": 2, "steps": 3}
+            answer = pool.submit(httpx.post, f"{base}/sdapi/v1/txt2img", json=body, timeout=120)
+            try:
+                wait_until(gated.holding.is_set, "the second call's second step")
+                running = app.state.queue.running
+                wait_until(
+                    lambda: running() and (running()[0].call, running()[0].step) == (1, 1), "its event"
+                )
+                shown = httpx.get(f"{base}/sdapi/v1/progress", timeout=60).json()
+                assert (shown["state"]["job_no"], shown["state"]["sampling_step"]) == (1, 1)
+                assert shown["progress"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-4)
+                w, h = decode_png(shown["current_image"]).size  # the latents' preview, from the replica
+                assert w * 32 == h * 48
+                assert httpx.post(f"{base}/sdapi/v1/interrupt", timeout=60).status_code == 200
+            finally:
+                gated.release.set()
+            r = answer.result()
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 1 and json.loads(r.json()["info"])["all_seeds"] == [5]
+    assert handle.streams[-1].cancelled
+
+
+class Failing:
+    """The pipeline, except that a call raises `error`."""
+
+    def __init__(self, pipe, error):
+        self._pipe, self.error = pipe, error
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, status, text",
+    [
+        (
+            KolorsError("the mask is empty; paint the area to change"),
+            422,
+            "the mask is empty; paint the area",
+        ),
+        (RuntimeError("boom\nsecond line"), 500, "generation failed (RemoteError)"),
+    ],
+)
+def test_a_replica_error_answers_one_line(replica, error, status, text):
+    held = Replica.__new__(Replica)
+    held.pipe = Failing(replica.pipe, error)
+    app = create_app([RemotePipe(LocalHandle(held), replica.info())], ServerConfig(**LIMITS))
+    with TestClient(app, base_url=BASE) as client:
+        r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == status and text in r.text and "Traceback" not in r.text, r.text
+
+
+class RayActorError(Exception):
+    """Named as Ray's, which is all RemotePipe looks at."""
+
+
+class ActorDiedError(RayActorError):
+    pass
+
+
+@pytest.mark.parametrize("deaths, status", [(1, 200), (2, 500)])
+def test_a_replica_that_dies_during_a_call_costs_one_retry(replica, deaths, status):
+    calls = []
+
+    def dying(request, preview_every):
+        calls.append(request)
+        if len(calls) <= deaths:
+            raise ActorDiedError("The actor died unexpectedly before finishing this task.")
+        return replica.stream(request, preview_every)
+
+    handle = LocalHandle(types.SimpleNamespace(stream=dying))
+    app = create_app([RemotePipe(handle, replica.info())], ServerConfig(**LIMITS))
+    with TestClient(app, base_url=BASE) as client:
+        r = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert r.status_code == status and len(calls) == 2, r.text
+    if status == 200:
+        assert json.loads(r.json()["info"])["all_seeds"] == [5]
+    else:
+        assert "generation failed (RemoteError)" in r.text
+
+
+def test_ready_shows_the_replicas(replica):
+    app = remote_app(replica, **LIMITS)
+    with TestClient(app, base_url=BASE) as client:
+        app.state.replicas = lambda: {"RUNNING": 2}
+        r = client.get("/ready")
+        assert r.status_code == 200 and r.json()["replicas"] == {"RUNNING": 2} and r.json()["ready"]
+        app.state.replicas = lambda: {"STARTING": 2}
+        r = client.get("/ready")
+        assert r.status_code == 503 and not r.json()["ready"]
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    """ray.serve importable, so the CLI gets past require_serve without Ray Serve installed."""
+    ray = types.ModuleType("ray")
+    ray.serve = types.ModuleType("ray.serve")
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", ray.serve)
+
+
+def test_missing_ray_serve_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray.serve", None)  # import ray.serve now raises ImportError
+    assert main(["serve", "--model", str(tmp_path), "--ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kolors: error: --ray needs Ray Serve, which is not installed")
+    assert err.endswith('install it with: pip install "kolors[ray]"')
+
+
+def test_an_address_nobody_answers_exits_2_quickly(tmp_path, fake_serve, capsys):
+    start = time.monotonic()
+    assert main(["serve", "--model", str(tmp_path), "--ray", "127.0.0.1:1"]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.startswith("kolors: error: no Ray cluster answers at 127.0.0.1:1") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ray", "head"], "--ray address 'head' is not HOST:PORT"),
+        (["--ray", "--replicas", "two"], "--replicas must be a whole number or auto, not 'two'"),
+        (["--ray", "--replicas", "0"], "--replicas must be at least 1 or auto"),
+        (
+            ["--ray", "--replicas", "auto", "--min-replicas", "3", "--max-replicas", "2"],
+            "need 0 <= min <= max",
+        ),
+        (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be >= 0"),
+    ],
+)
+def test_bad_ray_options_exit_2_naming_them(tmp_path, fake_serve, capsys, args, message):
+    assert main(["serve", "--model", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({}, "needs model"),
+        ({"model": "m", "queue": "3"}, "has no option 'queue'; it takes allowed_hosts, api_key"),
+        ({"model": "m", "queue_size": "many"}, "queue_size must be a number, not 'many'"),
+        ({"model": "m", "replicas": "two"}, "replica options"),
+        ({"model": "m", "queue_size": "0"}, "queue-size must be at least 1"),
+    ],
+)
+def test_the_serve_app_builder_names_a_bad_option(args, message):
+    from kolors.serve.on_ray import app
+
+    with pytest.raises(KolorsError, match=message):
+        app(args)
+
+
+def test_the_cli_hands_ray_absolute_paths_and_its_options(tiny_model_dir, fake_serve, monkeypatch, tmp_path):
+    from kolors.serve import on_ray
+
+    seen = {}
+    monkeypatch.setattr(on_ray, "run", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    monkeypatch.chdir(tiny_model_dir.parent)
+    (tmp_path / "loras").mkdir()
+    argv = ["serve", "--model", tiny_model_dir.name, "--ray", "--replicas", "auto", "--max-replicas", "3"]
+    argv += [
+        "--gpus-per-replica",
+        "0.5",
+        "--queue-size",
+        "5",
+        "--lora-dir",
+        os.path.relpath(tmp_path / "loras"),
+    ]
+    assert main(argv) == 0
+    model_options, controlnets, config, scaling = seen["args"]
+    assert model_options["model"] == str(Path(tiny_model_dir).resolve())
+    assert config.lora_dir == str((tmp_path / "loras").resolve()) and config.queue_size == 5
+    assert scaling == Scaling(replicas=None, min_replicas=1, max_replicas=3, gpus_per_replica=0.5)
+    assert seen["kwargs"]["address"] is None and controlnets == []
+
+
+def test_scaling_becomes_deployment_options():
+    assert Scaling(replicas=None, min_replicas=1, max_replicas=3, gpus_per_replica=0.5).options(8) == dict(
+        max_ongoing_requests=1,
+        max_queued_requests=8,
+        ray_actor_options={"num_cpus": 1.0, "num_gpus": 0.5},
+        autoscaling_config={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1},
+    )
+    fixed = Scaling(replicas=2, max_replicas=2)
+    assert fixed.options(4)["num_replicas"] == 2 and fixed.most == 2
+    check_address("auto")  # left to Ray
+
+
+# ------------------------------------------------------------------------------------------------ on Ray Serve
+
+
+@pytest.mark.slow
+def test_on_ray_serve_two_cpu_replicas_match_the_local_server(tiny_model_dir, pipe):
+    """Slow (a local Ray and two replicas start: about a minute here): the same images as the single-process
+    server, /ready with the replicas, and a killed replica costs no request."""
+    ray = pytest.importorskip("ray")
+    try:
+        from ray import serve
+    except ImportError as e:
+        pytest.skip(f"Ray Serve is not installed ({e.name} is missing): pip install 'ray[serve]'")
+    from kolors.serve import on_ray
+
+    root = str(Path(__file__).resolve().parents[1])  # the replicas import this checkout's kolors
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=80 * 2**20,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}},
+    )
+    try:
+        # as `serve run kolors.serve.on_ray:app key=value ...` and a RayService pass them: strings
+        options = dict(model=str(tiny_model_dir), dtype="float32", device="cpu", replicas="2")
+        app = on_ray.app({**options, "cpus_per_replica": "0.5", **{k: str(v) for k, v in LIMITS.items()}})
+        serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+        serve.run(app, name=on_ray.APP_NAME, route_prefix="/")
+        base = "http://127.0.0.1:8765"
+        ready = httpx.get(f"{base}/ready", timeout=60)
+        assert ready.status_code == 200 and ready.json()["replicas"] == {"RUNNING": 2}, ready.text
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(
+                pool.map(
+                    lambda s: httpx.post(f"{base}/sdapi/v1/txt2img", json={**BODY, "seed": s}, timeout=120),
+                    (5, 6),
+                )
+            )
+        with TestClient(create_app(pipe, ServerConfig(**LIMITS)), base_url=BASE) as local:
+            expected = [txt2img(local, seed=s) for s in (5, 6)]
+        for r, e in zip(answers, expected, strict=True):
+            assert r.status_code == 200, r.text
+            assert info(r.json()) == info(e)
+            got, want = np.asarray(decode_png(r.json()["images"][0])), np.asarray(decode_png(e["images"][0]))
+            # A replica runs its own torch thread count: float32 sums in another order round a pixel apart.
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+        # A replica killed: the calls still succeed (on the other one, or retried), and Serve replaces it.
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        victim = next(n for n in names if "KolorsReplica" in n)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        with ThreadPoolExecutor(2) as pool:
+            again = list(
+                pool.map(
+                    lambda s: httpx.post(f"{base}/sdapi/v1/txt2img", json={**BODY, "seed": s}, timeout=120),
+                    (5, 6),
+                )
+            )
+        assert [r.status_code for r in again] == [200, 200], [r.text for r in again]
+        assert [info(r.json()) for r in again] == [info(e) for e in expected]
+        running = lambda: httpx.get(f"{base}/ready", timeout=60).json()["replicas"]  # noqa: E731
+        wait_until(lambda: running() == {"RUNNING": 2}, "Serve to replace the replica")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
