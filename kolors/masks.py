@@ -19,8 +19,8 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 def as_mask(mask: Image.Image | np.ndarray) -> Image.Image:
-    """A mask as an 8-bit grayscale image; an RGBA mask whose colour is blank but whose alpha varies is read by
-    its alpha (transparent = repaint), as OpenAI's and many painters' masks are."""
+    """A mask given as a numpy array (HW or HWC, in [0, 1] or [0, 255]) as an 8-bit grayscale image. (The server
+    reads an uploaded mask's alpha itself: kolors.serve.schemas.decode_mask.)"""
     if isinstance(mask, np.ndarray):
         array = mask.astype(np.float32)
         array = array[..., 0] if array.ndim == 3 else array

@@ -63,7 +63,7 @@ from kolors.weights import DEFAULT_REPO, Checkpoint, check_model_folder, on_devi
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # For the faces, which reach the engine through this module.
-outpaint_canvas, as_mask = masks.outpaint_canvas, masks.as_mask
+outpaint_canvas = masks.outpaint_canvas
 
 
 @dataclass(frozen=True)
@@ -1005,22 +1005,16 @@ class KolorsPipeline:
         if image is None:
             height, width = size_ids
             check_size(width, height, multiple=max(8, self.vae_scale_factor))
-        elif inpainting:
-            if height is not None or width is not None:
-                check_size(
-                    width or default_size, height or default_size, multiple=max(8, self.vae_scale_factor)
-                )
+        elif height is not None or width is not None:  # a size the init image is resized to
+            check_size(width or default_size, height or default_size, multiple=max(8, self.vae_scale_factor))
+        if inpainting:  # (an image is there: checked above)
             region = self._inpaint_region(
                 image, mask_image, height, width, padding_mask_crop, mask_blur, masked_content == "fill"
             )
             init = region.image
             height, width = init.shape[-2:]
             size_ids = (height, width)  # diffusers' SDXL inpainting conditions on the size it makes
-        else:
-            if height is not None or width is not None:
-                check_size(
-                    width or default_size, height or default_size, multiple=max(8, self.vae_scale_factor)
-                )
+        elif image is not None:
             init = self._load_image(image, height, width)
             height, width = init.shape[-2:]
         units = self._prepare_control(
@@ -1372,8 +1366,10 @@ class KolorsPipeline:
         if not four:
             return x, None, torch.cat([mask.to(self.dtype), masked_latents], dim=1), x0, mask
 
+        known = 1 - mask  # once per generation, not per step
+
         def keep(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return (1 - mask) * samplers.add_noise(x0, noise, sigma) + mask * x
+            return known * samplers.add_noise(x0, noise, sigma) + mask * x
 
         return x, keep, None, x0, mask
 
