@@ -135,9 +135,13 @@ class ImageSpec:
             params[name], params[f"{name}_hash"] = (entry[1], entry[2]) if entry else (None, None)
         return params
 
-    def loaded(self) -> GenerationRequest:
-        """The request with its image and mask read from their files."""
-        images = {name: load_image(path) for name, path, _ in self.files}
+    def images(self) -> dict:
+        """Its image and mask, read from their files (the images of a batch group share them)."""
+        return {name: load_image(path) for name, path, _ in self.files}
+
+    def loaded(self, images: dict | None = None) -> GenerationRequest:
+        """The request with its image and mask (read from their files unless given)."""
+        images = self.images() if images is None else images
         return dataclasses.replace(self.request, **images) if images else self.request
 
     def infotext(self, model: str) -> str:

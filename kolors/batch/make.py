@@ -24,19 +24,23 @@ def batches(specs: list[ImageSpec], batch_size: int) -> Iterator[list[ImageSpec]
 
 def make_images(pipe: KolorsPipeline, chunk: list[ImageSpec], output_dir: Path) -> Iterator[dict]:
     """Generate `chunk` and write each PNG; yields each image's manifest row once its file is in place."""
-    for spec, image in zip(chunk, generate(pipe, chunk), strict=True):
+    images = chunk[0].images()  # the group's image and mask, read once
+    for spec, image in zip(chunk, generate(pipe, chunk, images=images), strict=True):
         # With its image and mask, the request's parameters record its strength and inpaint settings.
-        request = lora_hashes(pipe, spec.loaded() if spec.files else spec.request)
+        request = lora_hashes(pipe, spec.loaded(images))
         save_png(image, output_dir / spec.file, request.infotext(request.seed, pipe.label, size=image.size))
         yield spec.row(pipe.label)
 
 
-def generate(pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "pil"):
-    """The images of `chunk` (one group of settings) from one pipeline call, one seed per image."""
+def generate(
+    pipe: KolorsPipeline, chunk: list[ImageSpec], output_type: str = "pil", images: dict | None = None
+):
+    """The images of `chunk` (one group of settings) from one pipeline call, one seed per image; `images`: the
+    group's image and mask when already read."""
     first = chunk[0].request
     cfg = first.guidance > 1.0
     requests = [s.request for s in chunk]
-    start = chunk[0].loaded() if chunk[0].files else None  # one image and mask for the whole group
+    start = chunk[0].loaded(images) if chunk[0].files else None  # one image and mask for the whole group
     image_prompt = {}
     if first.ip_image is not None:  # one reference per group (batches groups by it)
         pipe.set_ip_adapter_scale(first.ip_scale)
