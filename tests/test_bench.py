@@ -69,6 +69,7 @@ def test_kolors_and_diffusers_give_the_same_image_on_fake_weights(fake_dir, caps
     assert diff < 1e-3, out  # same seed, same sampler: the same image in float32
 
 
+@pytest.mark.slow  # several fresh processes, each importing torch and diffusers: minutes on 2 cores
 def test_generate_in_alternating_processes(fake_dir, capsys):
     """The full-size mode: every run in a fresh process, the sides alternating, the runs merged per side."""
     from bench.bench_generate import main
@@ -89,6 +90,7 @@ def test_generate_in_alternating_processes(fake_dir, capsys):
     assert float(re.search(r"max abs diff ([0-9.e-]+)", out).group(1)) < 1e-3
 
 
+@pytest.mark.slow  # several fresh processes, each importing torch and diffusers: minutes on 2 cores
 def test_memory_image_to_image_on_fake_weights(fake_dir, capsys, tmp_path):
     """bench_memory --strength: every side runs image-to-image from the same picture in its own process; the
     low-memory image equals the normal one, kolors' equals diffusers' (float32), and both differ from the
@@ -151,6 +153,7 @@ def test_vae_decode_matches_on_fake_weights(fake_dir, capsys):
     assert float(errors["kolors"]) <= 1.25 * float(errors["diffusers"])  # bf16, not worse than diffusers'
 
 
+@pytest.mark.slow  # several fresh processes, each importing torch and diffusers: minutes on 2 cores
 def test_load_cold_empties_the_page_cache_before_every_load(fake_dir, capsys, monkeypatch):
     """--cold: each side's load, in its own process, after the page cache is emptied (stubbed here: emptying
     it needs root and would slow every other test on the machine)."""

@@ -244,8 +244,14 @@ def test_download_prints_the_checked_snapshot(tiny_model_dir, capsys, monkeypatc
 
 
 def test_download_offline_without_cache_is_one_line(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: an earlier test may have imported it already, and
+    # then the listing would try the network (seconds of retries) before failing the same way.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     code, _, err = run(["download", "Kwai-Kolors/Kolors-diffusers"], capsys)
     assert code == 2 and "cannot reach the model hub" in err and err.count("\n") == 1
 
