@@ -550,7 +550,8 @@ def download(args: argparse.Namespace) -> int:
 
 def check_hub(model: str, timeout: float = 3.0) -> None:
     """A hub model without a network fails now, in one line, instead of after ~25 s of the hub client's
-    retries; a local folder, or HF_HUB_OFFLINE=1 (the cache only), needs no network."""
+    retries; a local folder, or HF_HUB_OFFLINE=1 (the cache only), needs no network. A model downloaded
+    before is used from the cache when the hub cannot be reached, as if HF_HUB_OFFLINE=1 had been set."""
     import socket
     from urllib.parse import urlparse
 
@@ -561,6 +562,19 @@ def check_hub(model: str, timeout: float = 3.0) -> None:
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as e:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            # The hub client would reach the same cache only after its retries; every later lookup in this
+            # process (adapters included) goes straight to the cache.
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            constants.HF_HUB_OFFLINE = True
+            print(
+                f"kolors: the Hugging Face hub at {endpoint.hostname} cannot be reached ({e.strerror or e}); "
+                f"using {model} from the cache",
+                file=sys.stderr,
+            )
+            return
         raise KolorsError(
             f"cannot reach the Hugging Face hub at {endpoint.hostname} ({e.strerror or e}); if {model} is "
             "downloaded already, run with HF_HUB_OFFLINE=1, or pass --model PATH to a local model folder"

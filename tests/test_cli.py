@@ -328,11 +328,44 @@ def test_no_network_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(KolorsPipeline, "from_pretrained", lambda *a, **k: pytest.fail("it tried the hub"))
     for argv in (["generate", "a cat", "-o", str(tmp_path / "a.png")], ["download"]):
         code, _, err = run(argv, capsys)
         assert code == 2 and err.count("\n") == 1, err
         assert "HF_HUB_OFFLINE=1" in err and "--model PATH" in err and "Network is unreachable" in err
+
+
+def test_no_network_uses_a_model_downloaded_before(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The hub's cache layout (refs/main naming a snapshot folder) holding the tiny model: without a network the
+    repo id still generates, from the cache, with one line saying so."""
+    import shutil
+    import socket
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "cache" / "models--Kwai-Kolors--Kolors-diffusers"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+
+    def unreachable(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, which check_hub sets to 1
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    out = tmp_path / "cat.png"
+    argv = ["generate", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--dtype", "float32"]
+    code, _, err = run(argv + ["-o", str(out)], capsys)
+    assert code == 0 and out.exists(), err
+    (line,) = [x for x in err.splitlines() if "hub" in x]
+    assert (
+        "cannot be reached (Network is unreachable); using Kwai-Kolors/Kolors-diffusers from the cache"
+        in line
+    )
+    assert constants.HF_HUB_OFFLINE  # later lookups in this process go to the cache too
 
 
 @pytest.mark.parametrize(
