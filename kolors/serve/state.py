@@ -88,10 +88,11 @@ def model(request: Request) -> ModelInfo:
     return request.app.state.model
 
 
-async def run_job(request: Request, calls: list[GenerationRequest]):
-    """Queue the calls as one job and await it: [(image, seed, request), ...] or an HTTP error."""
+async def run_job(request: Request, calls: list[GenerationRequest], task: str | None = None):
+    """Queue the calls as one job and await it: [(image, seed, request), ...] or an HTTP error. `task`: the id
+    A1111 clients follow it by (force_task_id)."""
     queue: JobQueue = request.app.state.queue
-    job = Job(calls)
+    job = Job(calls, task=task or "")
     try:
         queue.submit(job)
     except QueueFull as e:
