@@ -36,6 +36,15 @@ class QueueFull(Exception):
         self.waiting, self.retry_after = waiting, retry_after
 
 
+class Unavailable(Exception):
+    """What runs the job went away during it (a Ray Serve replica died twice): worth retrying in
+    `retry_after` seconds, once a replacement is up."""
+
+    def __init__(self, message: str, retry_after: int = 10):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Interrupted(Exception):
     """Raised from the step callback to stop a running job."""
 
@@ -305,7 +314,7 @@ class JobQueue:
             return JobState.CANCELLED if job._stop.is_set() else JobState.DONE
         except Interrupted:
             return JobState.CANCELLED
-        except (KolorsError, QueueFull) as e:  # QueueFull: Ray Serve's replicas turned the call away
+        except (KolorsError, QueueFull, Unavailable) as e:  # Ray Serve's replicas turned it away or died
             job.error = e
             return JobState.FAILED
         except Exception as e:  # the worker must outlive any job; the server answers it as a logged 5xx

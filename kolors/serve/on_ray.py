@@ -7,10 +7,12 @@ the key, the 429s and the errors of a single-process server, and each of its wor
 replicas through a DeploymentHandle instead of running it. Ray Serve spreads those calls over the replicas and,
 with autoscaling, adds replicas while calls wait.
 
-A call streams its steps back to the ingress, so /sdapi/v1/progress moves per step with previews as on one
-machine, and cancelling it (a client gone, /sdapi/v1/interrupt) stops the replica after its current step. What
-differs: an interrupt answers the images of the calls finished before it, without the running call's partial
-image (a cancelled stream carries nothing back).
+A call streams its steps back to the ingress, so /sdapi/v1/progress and /internal/progress move per step with
+previews as on one machine: the ingress's queue holds every job, so it knows which replica runs which task.
+A client gone cancels the stream, which stops the replica after its current step. An A1111 interrupt instead
+sets the call's flag in Ray's key-value store (the GCS, which the ingress and every replica reach; a stream
+carries nothing back to a replica), which the replica reads at each step: it then stops and decodes the image
+as far as it got, so the answer has the running call's partial image, as AUTOMATIC1111's does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import socket
 import threading
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,7 +29,7 @@ from urllib.parse import urlparse
 
 from kolors.errors import KolorsError
 from kolors.request import GenerationRequest
-from kolors.serve.jobs import QueueFull
+from kolors.serve.jobs import QueueFull, Unavailable
 from kolors.serve.schemas import ServerConfig
 
 log = logging.getLogger("kolors.server")
@@ -118,6 +121,29 @@ class Scaling:
         return dict(max_ongoing_requests=1, max_queued_requests=queue_size, ray_actor_options=actor, **scale)
 
 
+class Stops:
+    """A1111 interrupts for calls running on replicas, by call key, in Ray's GCS key-value store. The store is
+    Ray's internal one (ray.experimental.internal_kv, which Ray Serve keeps its own state in): a key is set
+    once per interrupt and read once per step, a round trip to the GCS of about a millisecond."""
+
+    NAMESPACE = "kolors-interrupts"
+
+    def set(self, key: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(key, b"1", namespace=self.NAMESPACE)
+
+    def is_set(self, key: str) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_exists
+
+        return bool(_internal_kv_exists(key, namespace=self.NAMESPACE))
+
+    def clear(self, key: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(key, namespace=self.NAMESPACE)
+
+
 class Replica:
     """A Ray Serve replica: the pipeline, loaded once, and one pipeline call at a time."""
 
@@ -132,6 +158,7 @@ class Replica:
         for name, path in controlnets:
             self.pipe.load_controlnet(path, name=name)
         self.pipe.set_progress_bar_config(disable=True)
+        self.stops = Stops()
 
     def info(self) -> dict[str, Any]:
         """What the ingress's app shows of the model."""
@@ -143,12 +170,12 @@ class Replica:
             controlnets=list(getattr(pipe, "controlnets", {})),
         )
 
-    async def stream(self, request: GenerationRequest, preview_every: int = 1):
+    async def stream(self, request: GenerationRequest, preview_every: int = 1, key: str | None = None):
         """One pipeline call as events: ("step", step, steps, first image's denoised latents or None) after
         each step, then ("done", generate's list) or ("error", is_kolors_error, one line). Ray Serve cancels
-        this generator when the ingress cancels the call (an interrupt, a client gone): the call then stops
-        after its current step."""
-        from kolors.pipeline import generate, lora_hashes
+        this generator when the ingress cancels the call (a client gone): the call then stops after its current
+        step. An interrupt of the call's `key` (Stops) stops it there too, with its images as far as they got."""
+        from kolors.pipeline import StopSampling, generate, lora_hashes
         from kolors.serve.jobs import Interrupted
 
         loop = asyncio.get_running_loop()
@@ -161,6 +188,8 @@ class Replica:
             put(("step", step, steps, denoised[:1].cpu() if shown else None))
             if stop.is_set():
                 raise Interrupted
+            if key is not None and self.stops.is_set(key):
+                raise StopSampling
 
         def work() -> None:
             try:
@@ -198,8 +227,8 @@ class Replica:
 class RemotePipe:
     """What create_app and its JobQueue need of a pipeline, with the calls going to the replicas."""
 
-    def __init__(self, handle, info: dict[str, Any], preview_every: int = 1):
-        self.handle, self.preview_every = handle, preview_every
+    def __init__(self, handle, info: dict[str, Any], preview_every: int = 1, stops: Stops | None = None):
+        self.handle, self.preview_every, self.stops = handle, preview_every, stops or Stops()
         self.name, self.native_size, self.label = info["name"], info["native_size"], info["label"]
         self.controlnets = dict.fromkeys(info["controlnets"])
 
@@ -227,34 +256,39 @@ class RemotePipe:
         except Exception as e:
             if not _replica_died(e):
                 raise
-            raise RemoteError(f"the replicas stopped during the call twice ({type(e).__name__})") from None
+            raise Unavailable(f"the replicas stopped during the call twice ({type(e).__name__})") from None
 
     def _call(self, request: GenerationRequest, callback) -> list[tuple[Any, int, GenerationRequest]]:
         from kolors.pipeline import StopSampling
         from kolors.serve.jobs import Interrupted
 
-        events = None
+        key, events, stopping = uuid.uuid4().hex, None, False
         try:  # Ray Serve raises BackPressureError from remote() or from the first event
-            events = self.handle.options(stream=True).stream.remote(request, self.preview_every)
+            events = self.handle.options(stream=True).stream.remote(request, self.preview_every, key)
             for event in events:
                 if event[0] == "step":
-                    if callback is not None:
-                        callback(event[1], event[2], None, event[3])
+                    if callback is not None and not stopping:
+                        try:
+                            callback(event[1], event[2], None, event[3])
+                        except StopSampling:  # an A1111 interrupt: the replica answers what it has
+                            stopping = True
+                            self.stops.set(key)
                 elif event[0] == "done":
                     return event[1]
                 else:
                     _, kolors, text = event
                     raise KolorsError(text) if kolors else RemoteError(text)
-        except (Interrupted, StopSampling) as e:
-            events.cancel()  # set: only an event's callback raises these
-            if isinstance(e, StopSampling):
-                return []  # an interrupt: the images of the calls before this one are the answer
+        except Interrupted:
+            events.cancel()  # set: only an event's callback raises it
             raise
         except Exception as e:
             # Ray Serve's max_queued_requests turned the call away: the client's 429, as a full JobQueue's.
             if type(e).__name__ == "BackPressureError":
                 raise QueueFull(0, 1) from None
             raise
+        finally:
+            if stopping:
+                self.stops.clear(key)
         raise RemoteError("the replica's call ended without an answer")
 
 

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kolors.errors import KolorsError
 from kolors.request import GenerationRequest, png_bytes
-from kolors.serve.jobs import Job, JobQueue, JobState, QueueFull
+from kolors.serve.jobs import Job, JobQueue, JobState, QueueFull, Unavailable
 from kolors.serve.schemas import RequestError, ServerConfig
 
 log = logging.getLogger("kolors.server")
@@ -107,6 +107,9 @@ async def run_job(request: Request, calls: list[GenerationRequest], task: str | 
     if isinstance(job.error, QueueFull):
         e = job.error
         raise HTTPException(429, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(job.error, Unavailable):
+        e = job.error
+        raise HTTPException(503, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
     if isinstance(job.error, KolorsError):
         raise RequestError(None, str(job.error))
     if "out of memory" in str(job.error).lower():
