@@ -255,7 +255,7 @@ def test_a_task_is_followed_and_interrupted_by_its_force_task_id(pipe):
             wait_until(lambda: app.state.queue.waiting() == 1, "the second task to be queued")
             shown = task_progress(base, "task(a)")
             assert (shown["active"], shown["queued"], shown["completed"]) == (True, False, False)
-            assert shown["progress"] == 0.5 and shown["textinfo"] == "Step 1/2" and shown["eta"] >= 0
+            assert shown["progress"] == 0.5 and shown["textinfo"] == "Step 1 of 2" and shown["eta"] >= 0
             assert (
                 shown["live_preview"].startswith("data:image/png;base64,") and shown["id_live_preview"] == 1
             )

@@ -207,7 +207,7 @@ async def task_progress(body: ProgressRequest, request: Request) -> ProgressResp
     if body.live_preview and preview is not None and preview_id != body.id_live_preview:
         image, shown = f"data:image/png;base64,{await preview_png(request, preview)}", preview_id
     done = job.progress
-    batch = f", batch {job.call + 1}/{len(job.calls)}" if len(job.calls) > 1 else ""
+    batch = f", batch {job.call + 1} of {len(job.calls)}" if len(job.calls) > 1 else ""
     return ProgressResponse(
         active=True,
         queued=False,
@@ -216,7 +216,7 @@ async def task_progress(body: ProgressRequest, request: Request) -> ProgressResp
         eta=round(job.eta, 2) if done > 0 else None,
         live_preview=image,
         id_live_preview=shown,
-        textinfo=f"Step {job.step}/{job.steps}{batch}",
+        textinfo=f"Step {job.step} of {job.steps}{batch}",
     )
 
 
