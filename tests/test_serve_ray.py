@@ -312,6 +312,7 @@ def test_ready_shows_the_replicas(replica):
 def fake_serve(monkeypatch):
     """ray.serve importable, so the CLI gets past require_serve without Ray Serve installed."""
     ray = types.ModuleType("ray")
+    ray.__version__ = "2.60.0"
     ray.serve = types.ModuleType("ray.serve")
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setitem(sys.modules, "ray.serve", ray.serve)
@@ -323,6 +324,16 @@ def test_missing_ray_serve_says_how_to_install(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("kolors: error: --ray needs Ray Serve, which is not installed")
     assert err.endswith('install it with: pip install "kolors[ray]"')
+
+
+def test_a_ray_too_old_for_the_ingress_says_how_to_upgrade(tmp_path, fake_serve, monkeypatch, capsys):
+    monkeypatch.setattr(sys.modules["ray"], "__version__", "2.55.1")
+    assert main(["serve", "--model", str(tmp_path), "--ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == 'kolors: error: --ray needs Ray 2.56 or newer, not 2.55.1; upgrade with: pip install "kolors[ray]" -U'
+    )
 
 
 def test_an_address_nobody_answers_exits_2_quickly(tmp_path, fake_serve, capsys):

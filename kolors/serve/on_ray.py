@@ -35,6 +35,7 @@ from kolors.serve.schemas import ServerConfig
 log = logging.getLogger("kolors.server")
 
 INSTALL = 'pip install "kolors[ray]"'
+OLDEST_RAY = (2, 56)  # serve.ingress() with __serve_build_asgi_app__, which the ingress uses
 APP_NAME = "kolors"
 REPLICA = "KolorsReplica"
 INGRESS = "KolorsIngress"
@@ -49,6 +50,14 @@ def require_serve():
         raise KolorsError(
             f"--ray needs Ray Serve, which is not installed ({e.name} is missing); install it with: {INSTALL}"
         ) from None
+    version = getattr(ray, "__version__", "")
+    try:
+        too_old = tuple(int(p) for p in version.split(".")[:2]) < OLDEST_RAY
+    except ValueError:  # a development build ("3.0.0.dev0" parses; anything else): let it try
+        too_old = False
+    if too_old:
+        oldest = ".".join(map(str, OLDEST_RAY))
+        raise KolorsError(f"--ray needs Ray {oldest} or newer, not {version}; upgrade with: {INSTALL} -U")
     return ray, serve
 
 
@@ -312,17 +321,20 @@ class Ingress:
         from kolors.serve.app import create_app
 
         pipes = [RemotePipe(self.replica, self.info, self.config.preview_every) for _ in range(self.slots)]
+        from ray import serve
+
         app = create_app(pipes, self.config)
-        app.state.replicas = replica_counts
+        # the application's own name: a RayService or a benchmark may deploy it under another than "kolors"
+        app.state.replicas = partial(replica_counts, serve.get_replica_context().app_name)
         return app
 
 
-def replica_counts() -> dict[str, int]:
+def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
     """Replicas of the model by state (RUNNING, STARTING, ...), from the Serve controller, for /ready."""
     from ray import serve
 
     try:
-        deployment = serve.status().applications[APP_NAME].deployments[REPLICA]
+        deployment = serve.status().applications[app_name].deployments[REPLICA]
     except Exception:  # the controller unreachable or the app gone: not ready, which /ready answers 503
         return {}
     return {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
@@ -333,9 +345,15 @@ def build(model_options: dict, controlnets: list[tuple[str, str]], config: Serve
     _, serve = require_serve()
     threads = None if scaling.gpus_per_replica else max(1, int(scaling.cpus_per_replica))
     replica = serve.deployment(Replica, name=REPLICA, **scaling.options(config.queue_size))
-    # The ingress is light (HTTP, PNG encoding): one, holding the job queue every request goes through.
+    # The ingress is light (HTTP, PNG encoding): one, holding the job queue every request goes through. It
+    # reserves no CPU (Serve's default is 1), which would be one a replica cannot have: 2 replicas of 1 CPU
+    # would never start on a 2-CPU machine.
     ingress = serve.deployment(
-        serve.ingress()(Ingress), name=INGRESS, num_replicas=1, max_ongoing_requests=1000
+        serve.ingress()(Ingress),
+        name=INGRESS,
+        num_replicas=1,
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replica.bind(model_options, controlnets, threads), config, scaling.most)
 
