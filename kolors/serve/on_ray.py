@@ -21,6 +21,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +36,8 @@ from kolors.serve.schemas import ServerConfig
 log = logging.getLogger("kolors.server")
 
 INSTALL = 'pip install "kolors[ray]"'
-OLDEST_RAY = (2, 56)  # serve.ingress() with __serve_build_asgi_app__, which the ingress uses
+OLDEST_RAY = (2, 56)
+STOP_POLL_S = 0.2  # how often a replica reads its running call's interrupt flag, at most  # serve.ingress() with __serve_build_asgi_app__, which the ingress uses
 APP_NAME = "kolors"
 REPLICA = "KolorsReplica"
 INGRESS = "KolorsIngress"
@@ -192,13 +194,18 @@ class Replica:
         stop = threading.Event()
         put = partial(loop.call_soon_threadsafe, events.put_nowait)
 
+        checked = [time.monotonic()]
+
         def on_step(step: int, steps: int, latents, denoised) -> None:
             shown = preview_every and (step + 1) % preview_every == 0
             put(("step", step, steps, denoised[:1].cpu() if shown else None))
             if stop.is_set():
                 raise Interrupted
-            if key is not None and self.stops.is_set(key):
-                raise StopSampling
+            # The flag is a round trip to the GCS: read at most every STOP_POLL_S, not at every fast step
+            if key is not None and time.monotonic() - checked[0] >= STOP_POLL_S:
+                checked[0] = time.monotonic()
+                if self.stops.is_set(key):
+                    raise StopSampling
 
         def work() -> None:
             try:
@@ -221,6 +228,8 @@ class Replica:
         try:
             while True:
                 event = await events.get()
+                while event[0] == "step" and not events.empty():  # a slow reader gets the latest step only
+                    event = events.get_nowait()
                 yield event
                 if event[0] != "step":
                     return
@@ -428,8 +437,6 @@ def run(
     shown = f"[{host}]" if ":" in host else host
     print(f"kolors: serving on Ray at http://{shown}:{port}  (web page /, API docs /docs)", flush=True)
     try:
-        import time
-
         while True:
             time.sleep(3600)
     finally:
