@@ -238,6 +238,77 @@ def test_interrupt_answers_the_images_made_so_far(pipe):
         assert gated.steps_seen == 2 and gated.calls == 1
 
 
+def task_progress(base: str, task: str, **body) -> dict:
+    return post(base, "/internal/progress", {"id_task": task, **body}).json()
+
+
+def test_a_task_is_followed_and_interrupted_by_its_force_task_id(pipe):
+    """A1111 1.6+'s /internal/progress: the running task with its preview once per new image, the queued one
+    with its place; an interrupt naming the queued task takes it out of the queue, the running one goes on."""
+    gated = GatedPipe(pipe, hold_at=1)
+    app = create_app(gated, ServerConfig(**LIMITS))
+    with live_server(app) as base, ThreadPoolExecutor(2) as pool:
+        a = pool.submit(post, base, "/sdapi/v1/txt2img", {**SMALL, "steps": 2, "force_task_id": "task(a)"})
+        try:
+            assert gated.holding.wait(WAIT_S)
+            b = pool.submit(post, base, "/sdapi/v1/txt2img", {**SMALL, "force_task_id": "b"})
+            wait_until(lambda: app.state.queue.waiting() == 1, "the second task to be queued")
+            shown = task_progress(base, "task(a)")
+            assert (shown["active"], shown["queued"], shown["completed"]) == (True, False, False)
+            assert shown["progress"] == 0.5 and shown["textinfo"] == "Step 1 of 2" and shown["eta"] >= 0
+            assert (
+                shown["live_preview"].startswith("data:image/png;base64,") and shown["id_live_preview"] == 1
+            )
+            again = task_progress(base, "task(a)", id_live_preview=1)  # the same preview: not sent again
+            assert again["live_preview"] is None and again["id_live_preview"] == 1
+            assert task_progress(base, "task(a)", live_preview=False)["live_preview"] is None
+            queued = task_progress(base, "b")
+            assert (queued["active"], queued["queued"], queued["textinfo"]) == (False, True, "In queue: 1/1")
+            assert queued["progress"] is None and queued["id_live_preview"] == -1
+            assert task_progress(base, "nobody")["textinfo"] == "Waiting..."
+            assert progress(base)["state"]["job"] == "task(a)"
+            assert httpx.post(f"{base}/sdapi/v1/interrupt", params={"id_task": "nobody"}).status_code == 200
+            assert httpx.post(f"{base}/sdapi/v1/interrupt", params={"id_task": "b"}).status_code == 200
+            assert b.result().status_code == 409  # left the queue before any image
+            assert not app.state.queue.running()[0].interrupted
+        finally:
+            gated.release.set()
+        r = a.result()
+        assert r.status_code == 200 and gated.steps_seen == 2  # ran to its end
+        done = task_progress(base, "task(a)")
+        assert (done["active"], done["queued"], done["completed"]) == (False, False, True)
+        assert task_progress(base, "b")["completed"] is True
+
+
+def test_a_plain_interrupt_stops_the_most_recently_started_job(pipe, tiny_model_dir):
+    """Two devices, a job held on each: /sdapi/v1/interrupt and /progress mean the newer one, as A1111 (one job
+    at a time) means the running one; the older job runs to its end."""
+    other = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    first, second = GatedPipe(pipe, hold_at=1), GatedPipe(other, hold_at=1)
+    app = create_app([first, second], ServerConfig(**LIMITS))
+    queue = app.state.queue
+    with live_server(app) as base, ThreadPoolExecutor(2) as pool:
+        body = {**SMALL, "steps": 2}
+        older = pool.submit(post, base, "/sdapi/v1/txt2img", {**body, "seed": 1, "force_task_id": "older"})
+        try:
+            wait_until(lambda: len(queue.running()) == 1 and queue.running()[0].step == 1, "the first job")
+            newer = pool.submit(
+                post, base, "/sdapi/v1/txt2img", {**body, "seed": 2, "force_task_id": "newer"}
+            )
+            wait_until(lambda: len(queue.running()) == 2 and queue.running()[1].step == 1, "the second job")
+            assert progress(base)["state"]["job"] == "newer"
+            assert httpx.post(f"{base}/sdapi/v1/interrupt", timeout=WAIT_S).status_code == 200
+            assert [job.interrupted for job in queue.running()] == [False, True]
+        finally:
+            first.release.set()
+            second.release.set()
+        answers = older.result(), newer.result()
+    assert [r.status_code for r in answers] == [200, 200]
+    # both answer their image: the interrupted one's as its first step left it
+    seeds = [json.loads(r.json()["info"])["all_seeds"] for r in answers]
+    assert seeds == [[1], [2]]
+
+
 # ------------------------------------------------------------------------------------------------ cancel
 
 

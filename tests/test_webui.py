@@ -287,7 +287,7 @@ def test_progress_is_shown_while_generating_and_interrupt_stops_the_run(page):
     set_number(page, "#height", 64)
     set_number(page, "#steps", MANY_STEPS)
     page.click("#generate")
-    # The page polls /sdapi/v1/progress: "Step i of N" once the worker has taken the job.
+    # The page polls /internal/progress for its own task: "Step i of N" once the worker has taken the job.
     page.wait_for_function(
         f"/Step [1-9]\\d* of {MANY_STEPS}/.test(document.querySelector('#progress-text').textContent)"
     )
@@ -378,3 +378,44 @@ def test_no_horizontal_scroll_on_a_phone(browser, server, width, tmp_path):
         page.screenshot(path=str(tmp_path / f"phone-{width}.png"), full_page=True)
     finally:
         page.close()
+
+
+def test_the_page_follows_its_own_job_behind_another_one(browser, pipe):
+    """Another client's job holds the only worker: the page shows its own place in the queue (A1111's
+    /internal/progress with the request's force_task_id), and its Interrupt takes its job out of the queue
+    without touching the other one."""
+    import httpx
+
+    from tests.server_helpers import GatedPipe, wait_until
+
+    gated = GatedPipe(pipe, hold_at=0)
+    app = create_app(gated, ServerConfig(max_width=MAX_SIZE, max_height=MAX_SIZE))
+    server = Server(app)
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "force_task_id": "other"}
+    other = threading.Thread(
+        target=httpx.post, args=(f"{server.url}sdapi/v1/txt2img",), kwargs={"json": body, "timeout": 120}
+    )
+    try:
+        other.start()
+        assert gated.holding.wait(60)
+        page = open_page(browser, server.url)
+        wait_for_samplers(page)
+        page.fill("#prompt", PROMPT)
+        set_number(page, "#width", 64)
+        set_number(page, "#height", 64)
+        page.click("#generate")
+        page.wait_for_function(
+            "document.querySelector('#progress-text').textContent === 'In queue: 1/1'", timeout=30_000
+        )
+        page.click("#interrupt")
+        page.wait_for_function(
+            "document.querySelector('#generate-form').getAttribute('aria-busy') === 'false'"
+        )
+        assert page.inner_text("#error") == "Interrupted before an image was finished."
+        assert [job.task_id for job in app.state.queue.running()] == ["other"]
+        assert not app.state.queue.running()[0].interrupted and app.state.queue.waiting() == 0
+    finally:
+        gated.release.set()
+        other.join(120)
+        server.close()
+    wait_until(lambda: app.state.queue.finished == 1, "the other job to finish")

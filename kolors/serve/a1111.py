@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from kolors.request import A1111_NAMES, SAMPLERS
@@ -40,10 +41,14 @@ router = APIRouter(
     dependencies=[Depends(require_key)],
     responses=error_docs(Detail, 401),
 )
+# A1111 1.6+'s per-task progress, which its own page and clients that set force_task_id poll
+internal = APIRouter(
+    tags=["AUTOMATIC1111"], dependencies=[Depends(require_key)], responses=error_docs(Detail, 401)
+)
 
 
 async def respond(request: Request, body, calls, parameters: dict) -> A1111Response:
-    results = await run_job(request, calls)
+    results = await run_job(request, calls, task=body.force_task_id)
     info = model(request)
     pngs = await encode(results, info.label)
     infotexts = [infotext(r, info.label) for r in results]
@@ -139,17 +144,17 @@ async def img2img(body: Img2ImgRequest, request: Request) -> A1111Response:
 
 @router.get("/progress")
 async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
-    """The running job: `progress` 0..1, `eta_relative` seconds, its steps, and `current_image`, a base64 PNG
-    of the image forming (a cheap linear preview of the latents; null before the first step, with
-    skip_current_image, or when the server runs with --preview-every 0)."""
+    """The most recently started job: `progress` 0..1, `eta_relative` seconds, its steps, and `current_image`,
+    a base64 PNG of the image forming (a cheap linear preview of the latents; null before the first step, with
+    skip_current_image, or when the server runs with --preview-every 0). /internal/progress follows one job."""
     queue = request.app.state.queue
     running, waiting = queue.running(), queue.waiting()
-    job = running[0] if running else None
+    job = running[-1] if running else None
     state = {
         "skipped": False,
         "interrupted": bool(job and job.interrupted),
         "stopping_generation": False,
-        "job": f"task({job.id})" if job else "",
+        "job": job.task_id if job else "",
         "job_count": len(running) + waiting,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)) if job else "0",
         "job_no": job.call if job else 0,
@@ -167,6 +172,54 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
     }
 
 
+class ProgressRequest(BaseModel):
+    """A1111's /internal/progress body."""
+
+    id_task: str | None = Field(None, max_length=200, description="the job's force_task_id (or task(ID))")
+    id_live_preview: int = Field(-1, description="the id_live_preview of the last answer: no image again")
+    live_preview: bool = Field(True, description="include the live preview image")
+
+
+class ProgressResponse(BaseModel):
+    active: bool = Field(description="the job is running now")
+    queued: bool = Field(description="the job waits in the queue")
+    completed: bool = Field(description="the job finished (one of the last 16)")
+    progress: float | None = Field(None, description="0..1 over the job's steps")
+    eta: float | None = Field(None, description="seconds left")
+    live_preview: str | None = Field(None, description="a data: URI of the image forming, when new")
+    id_live_preview: int | None = Field(None, description="send it back to skip an image already shown")
+    textinfo: str | None = None
+
+
+@internal.post("/internal/progress", response_model=ProgressResponse)
+async def task_progress(body: ProgressRequest, request: Request) -> ProgressResponse:
+    """One job's progress, as AUTOMATIC1111 1.6+ answers it: the job named by id_task (a txt2img or img2img
+    request's force_task_id), running or queued; the preview only when it changed since id_live_preview."""
+    queue = request.app.state.queue
+    job, place, completed = queue.task(body.id_task) if body.id_task else (None, None, False)
+    if job is None or place is not None:
+        text = f"In queue: {place + 1}/{queue.waiting()}" if place is not None else "Waiting..."
+        return ProgressResponse(
+            active=False, queued=place is not None, completed=completed, id_live_preview=-1, textinfo=text
+        )
+    image, shown = None, body.id_live_preview
+    preview, preview_id = job.preview, job.preview_id
+    if body.live_preview and preview is not None and preview_id != body.id_live_preview:
+        image, shown = f"data:image/png;base64,{await preview_png(request, preview)}", preview_id
+    done = job.progress
+    batch = f", batch {job.call + 1} of {len(job.calls)}" if len(job.calls) > 1 else ""
+    return ProgressResponse(
+        active=True,
+        queued=False,
+        completed=False,
+        progress=round(done, 4),
+        eta=round(job.eta, 2) if done > 0 else None,
+        live_preview=image,
+        id_live_preview=shown,
+        textinfo=f"Step {job.step} of {job.steps}{batch}",
+    )
+
+
 async def preview_png(request: Request, latents) -> str | None:
     if latents is None:
         return None
@@ -180,9 +233,11 @@ async def preview_png(request: Request, latents) -> str | None:
 
 
 @router.post("/interrupt")
-async def interrupt(request: Request) -> dict[str, Any]:
-    """Stop the running job after its current step; the images it finished are still answered."""
-    request.app.state.queue.interrupt()
+async def interrupt(request: Request, id_task: str | None = None) -> dict[str, Any]:
+    """Stop the most recently started job after its current step, or with `id_task` (a request's
+    force_task_id) that job, wherever it runs (a queued one leaves the queue); the images it finished, and
+    the running call's as far as it got, are still answered, as AUTOMATIC1111 does."""
+    request.app.state.queue.interrupt(id_task)
     return {}
 
 

@@ -91,7 +91,7 @@ def create_app(pipes, config: ServerConfig | None = None) -> FastAPI:
     # base64 makes an upload 4/3 larger; the rest of a request is small.
     app.add_middleware(BodyLimit, max_bytes=math.ceil(config.max_upload_bytes * 4 / 3) + 2**20)
     app.add_middleware(Guard, api_key=config.api_key, allowed_hosts=config.allowed_hosts)  # outermost
-    for routes in (a1111.router, control.router, openai.router, web.router):
+    for routes in (a1111.router, a1111.internal, control.router, openai.router, web.router):
         app.include_router(routes)
     if DOCS_ASSETS:
         add_offline_docs(app)

@@ -98,7 +98,7 @@ def error_docs(model: type[BaseModel], *codes: int) -> dict:
         422: "a malformed request (the message names the field)",
         429: "the queue is full: retry after Retry-After seconds",
         500: "a bug: the server log has the details",
-        503: "the device ran out of memory, or the server is shutting down",
+        503: "the device ran out of memory, the server is shutting down, or its replicas died during the job",
     }
     return {code: {"model": model, "description": text[code]} for code in codes}
 

@@ -36,6 +36,15 @@ class QueueFull(Exception):
         self.waiting, self.retry_after = waiting, retry_after
 
 
+class Unavailable(Exception):
+    """What runs the job went away during it (a Ray Serve replica died twice): worth retrying in
+    `retry_after` seconds, once a replacement is up."""
+
+    def __init__(self, message: str, retry_after: int = 10):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Interrupted(Exception):
     """Raised from the step callback to stop a running job."""
 
@@ -68,6 +77,8 @@ class Job:
     preview: Any = (
         None  # the latest denoised latents of the call's first image (a device tensor), for /progress
     )
+    preview_id: int = 0  # how many previews the job has had: /internal/progress's id_live_preview
+    task: str = ""  # A1111's force_task_id: the id its client polls /internal/progress with; empty: task(id)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: list[Callable[[Job], None]] = field(default_factory=list, repr=False)
@@ -81,6 +92,11 @@ class Job:
         if not self.calls or self.steps == 0:
             return self.call / max(1, len(self.calls))
         return min(1.0, (self.call + self.step / self.steps) / len(self.calls))
+
+    @property
+    def task_id(self) -> str:
+        """The id A1111 clients know the job by (its id_task)."""
+        return self.task or f"task({self.id})"
 
     @property
     def eta(self) -> float:
@@ -148,7 +164,8 @@ class JobQueue:
             raise KolorsError(f"queue size must be at least 1, not {maxsize}")
         self.pipes, self.maxsize, self.preview_every = list(pipes), maxsize, preview_every
         self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # in the order they started
+        self._finished_tasks: deque[str] = deque(maxlen=16)  # as A1111 remembers them, for /internal/progress
         self._cond = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -195,6 +212,7 @@ class JobQueue:
         with self._cond:
             if job.state is JobState.QUEUED and job in self._waiting:
                 self._waiting.remove(job)
+                self._finished_tasks.append(job.task_id)
             elif job.state is JobState.RUNNING:
                 job.interrupted = True
                 job._stop.set()
@@ -204,13 +222,31 @@ class JobQueue:
         job._finish(JobState.CANCELLED)
         log_end(job)
 
-    def interrupt(self) -> int:
-        """Stop the running jobs after their current step (the waiting ones go on); how many were running."""
+    def interrupt(self, task_id: str | None = None) -> int:
+        """Stop a running job after its current step, keeping its images as far as they got: the one with
+        A1111's `task_id`, or without one the most recently started (the waiting ones go on). A queued job
+        named by its task_id leaves the queue. How many jobs this stopped."""
         with self._cond:
-            for job in self._running:
+            running = [j for j in self._running if task_id is None or j.task_id == task_id][-1:]
+            queued = [] if task_id is None or running else [j for j in self._waiting if j.task_id == task_id]
+            for job in running:
                 job.interrupted = job.keep_partial = True
                 job._stop.set()
-            return len(self._running)
+        for job in queued:
+            self.cancel(job)
+        return len(running) + len(queued)
+
+    def task(self, task_id: str) -> tuple[Job | None, int | None, bool]:
+        """A1111's view of a task: (the job, running or queued, or None; its place in the queue from 0 while
+        queued; whether it finished among the last 16)."""
+        with self._cond:
+            for job in reversed(self._running):
+                if job.task_id == task_id:
+                    return job, None, False
+            for place, job in enumerate(self._waiting):
+                if job.task_id == task_id:
+                    return job, place, False
+            return None, None, task_id in self._finished_tasks
 
     def running(self) -> list[Job]:
         with self._cond:
@@ -252,6 +288,7 @@ class JobQueue:
             finally:
                 with self._cond:
                     self._running.remove(job)
+                    self._finished_tasks.append(job.task_id)
                     self.finished += 1
                     elapsed = time.monotonic() - job.started
                     self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
@@ -263,6 +300,7 @@ class JobQueue:
             job.step, job.steps = step + 1, num_steps
             if self.preview_every and (step + 1) % self.preview_every == 0:
                 job.preview = denoised[:1]  # kept on the device: read back only when a client asks
+                job.preview_id += 1
             if job._stop.is_set():
                 # An interrupt keeps the images as far as they got (A1111's answer); a client gone needs none.
                 raise StopSampling if job.keep_partial else Interrupted
@@ -276,7 +314,7 @@ class JobQueue:
             return JobState.CANCELLED if job._stop.is_set() else JobState.DONE
         except Interrupted:
             return JobState.CANCELLED
-        except (KolorsError, QueueFull) as e:  # QueueFull: Ray Serve's replicas turned the call away
+        except (KolorsError, QueueFull, Unavailable) as e:  # Ray Serve's replicas turned it away or died
             job.error = e
             return JobState.FAILED
         except Exception as e:  # the worker must outlive any job; the server answers it as a logged 5xx

@@ -7,10 +7,12 @@ the key, the 429s and the errors of a single-process server, and each of its wor
 replicas through a DeploymentHandle instead of running it. Ray Serve spreads those calls over the replicas and,
 with autoscaling, adds replicas while calls wait.
 
-A call streams its steps back to the ingress, so /sdapi/v1/progress moves per step with previews as on one
-machine, and cancelling it (a client gone, /sdapi/v1/interrupt) stops the replica after its current step. What
-differs: an interrupt answers the images of the calls finished before it, without the running call's partial
-image (a cancelled stream carries nothing back).
+A call streams its steps back to the ingress, so /sdapi/v1/progress and /internal/progress move per step with
+previews as on one machine: the ingress's queue holds every job, so it knows which replica runs which task.
+A client gone cancels the stream, which stops the replica after its current step. An A1111 interrupt instead
+sets the call's flag in Ray's key-value store (the GCS, which the ingress and every replica reach; a stream
+carries nothing back to a replica), which the replica reads at each step: it then stops and decodes the image
+as far as it got, so the answer has the running call's partial image, as AUTOMATIC1111's does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import asyncio
 import logging
 import socket
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,12 +30,14 @@ from urllib.parse import urlparse
 
 from kolors.errors import KolorsError
 from kolors.request import GenerationRequest
-from kolors.serve.jobs import QueueFull
+from kolors.serve.jobs import QueueFull, Unavailable
 from kolors.serve.schemas import ServerConfig
 
 log = logging.getLogger("kolors.server")
 
 INSTALL = 'pip install "kolors[ray]"'
+OLDEST_RAY = (2, 56)
+STOP_POLL_S = 0.2  # how often a replica reads its running call's interrupt flag, at most  # serve.ingress() with __serve_build_asgi_app__, which the ingress uses
 APP_NAME = "kolors"
 REPLICA = "KolorsReplica"
 INGRESS = "KolorsIngress"
@@ -46,6 +52,14 @@ def require_serve():
         raise KolorsError(
             f"--ray needs Ray Serve, which is not installed ({e.name} is missing); install it with: {INSTALL}"
         ) from None
+    version = getattr(ray, "__version__", "")
+    try:
+        too_old = tuple(int(p) for p in version.split(".")[:2]) < OLDEST_RAY
+    except ValueError:  # a development build ("3.0.0.dev0" parses; anything else): let it try
+        too_old = False
+    if too_old:
+        oldest = ".".join(map(str, OLDEST_RAY))
+        raise KolorsError(f"--ray needs Ray {oldest} or newer, not {version}; upgrade with: {INSTALL} -U")
     return ray, serve
 
 
@@ -118,6 +132,29 @@ class Scaling:
         return dict(max_ongoing_requests=1, max_queued_requests=queue_size, ray_actor_options=actor, **scale)
 
 
+class Stops:
+    """A1111 interrupts for calls running on replicas, by call key, in Ray's GCS key-value store. The store is
+    Ray's internal one (ray.experimental.internal_kv, which Ray Serve keeps its own state in): a key is set
+    once per interrupt and read once per step, a round trip to the GCS of about a millisecond."""
+
+    NAMESPACE = "kolors-interrupts"
+
+    def set(self, key: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(key, b"1", namespace=self.NAMESPACE)
+
+    def is_set(self, key: str) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_exists
+
+        return bool(_internal_kv_exists(key, namespace=self.NAMESPACE))
+
+    def clear(self, key: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(key, namespace=self.NAMESPACE)
+
+
 class Replica:
     """A Ray Serve replica: the pipeline, loaded once, and one pipeline call at a time."""
 
@@ -132,6 +169,7 @@ class Replica:
         for name, path in controlnets:
             self.pipe.load_controlnet(path, name=name)
         self.pipe.set_progress_bar_config(disable=True)
+        self.stops = Stops()
 
     def info(self) -> dict[str, Any]:
         """What the ingress's app shows of the model."""
@@ -143,12 +181,12 @@ class Replica:
             controlnets=list(getattr(pipe, "controlnets", {})),
         )
 
-    async def stream(self, request: GenerationRequest, preview_every: int = 1):
+    async def stream(self, request: GenerationRequest, preview_every: int = 1, key: str | None = None):
         """One pipeline call as events: ("step", step, steps, first image's denoised latents or None) after
         each step, then ("done", generate's list) or ("error", is_kolors_error, one line). Ray Serve cancels
-        this generator when the ingress cancels the call (an interrupt, a client gone): the call then stops
-        after its current step."""
-        from kolors.pipeline import generate, lora_hashes
+        this generator when the ingress cancels the call (a client gone): the call then stops after its current
+        step. An interrupt of the call's `key` (Stops) stops it there too, with its images as far as they got."""
+        from kolors.pipeline import StopSampling, generate, lora_hashes
         from kolors.serve.jobs import Interrupted
 
         loop = asyncio.get_running_loop()
@@ -156,11 +194,18 @@ class Replica:
         stop = threading.Event()
         put = partial(loop.call_soon_threadsafe, events.put_nowait)
 
+        checked = [time.monotonic()]
+
         def on_step(step: int, steps: int, latents, denoised) -> None:
             shown = preview_every and (step + 1) % preview_every == 0
             put(("step", step, steps, denoised[:1].cpu() if shown else None))
             if stop.is_set():
                 raise Interrupted
+            # The flag is a round trip to the GCS: read at most every STOP_POLL_S, not at every fast step
+            if key is not None and time.monotonic() - checked[0] >= STOP_POLL_S:
+                checked[0] = time.monotonic()
+                if self.stops.is_set(key):
+                    raise StopSampling
 
         def work() -> None:
             try:
@@ -183,6 +228,8 @@ class Replica:
         try:
             while True:
                 event = await events.get()
+                while event[0] == "step" and not events.empty():  # a slow reader gets the latest step only
+                    event = events.get_nowait()
                 yield event
                 if event[0] != "step":
                     return
@@ -198,8 +245,8 @@ class Replica:
 class RemotePipe:
     """What create_app and its JobQueue need of a pipeline, with the calls going to the replicas."""
 
-    def __init__(self, handle, info: dict[str, Any], preview_every: int = 1):
-        self.handle, self.preview_every = handle, preview_every
+    def __init__(self, handle, info: dict[str, Any], preview_every: int = 1, stops: Stops | None = None):
+        self.handle, self.preview_every, self.stops = handle, preview_every, stops or Stops()
         self.name, self.native_size, self.label = info["name"], info["native_size"], info["label"]
         self.controlnets = dict.fromkeys(info["controlnets"])
 
@@ -227,34 +274,39 @@ class RemotePipe:
         except Exception as e:
             if not _replica_died(e):
                 raise
-            raise RemoteError(f"the replicas stopped during the call twice ({type(e).__name__})") from None
+            raise Unavailable(f"the replicas stopped during the call twice ({type(e).__name__})") from None
 
     def _call(self, request: GenerationRequest, callback) -> list[tuple[Any, int, GenerationRequest]]:
         from kolors.pipeline import StopSampling
         from kolors.serve.jobs import Interrupted
 
-        events = None
+        key, events, stopping = uuid.uuid4().hex, None, False
         try:  # Ray Serve raises BackPressureError from remote() or from the first event
-            events = self.handle.options(stream=True).stream.remote(request, self.preview_every)
+            events = self.handle.options(stream=True).stream.remote(request, self.preview_every, key)
             for event in events:
                 if event[0] == "step":
-                    if callback is not None:
-                        callback(event[1], event[2], None, event[3])
+                    if callback is not None and not stopping:
+                        try:
+                            callback(event[1], event[2], None, event[3])
+                        except StopSampling:  # an A1111 interrupt: the replica answers what it has
+                            stopping = True
+                            self.stops.set(key)
                 elif event[0] == "done":
                     return event[1]
                 else:
                     _, kolors, text = event
                     raise KolorsError(text) if kolors else RemoteError(text)
-        except (Interrupted, StopSampling) as e:
-            events.cancel()  # set: only an event's callback raises these
-            if isinstance(e, StopSampling):
-                return []  # an interrupt: the images of the calls before this one are the answer
+        except Interrupted:
+            events.cancel()  # set: only an event's callback raises it
             raise
         except Exception as e:
             # Ray Serve's max_queued_requests turned the call away: the client's 429, as a full JobQueue's.
             if type(e).__name__ == "BackPressureError":
                 raise QueueFull(0, 1) from None
             raise
+        finally:
+            if stopping:
+                self.stops.clear(key)
         raise RemoteError("the replica's call ended without an answer")
 
 
@@ -278,17 +330,20 @@ class Ingress:
         from kolors.serve.app import create_app
 
         pipes = [RemotePipe(self.replica, self.info, self.config.preview_every) for _ in range(self.slots)]
+        from ray import serve
+
         app = create_app(pipes, self.config)
-        app.state.replicas = replica_counts
+        # the application's own name: a RayService or a benchmark may deploy it under another than "kolors"
+        app.state.replicas = partial(replica_counts, serve.get_replica_context().app_name)
         return app
 
 
-def replica_counts() -> dict[str, int]:
+def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
     """Replicas of the model by state (RUNNING, STARTING, ...), from the Serve controller, for /ready."""
     from ray import serve
 
     try:
-        deployment = serve.status().applications[APP_NAME].deployments[REPLICA]
+        deployment = serve.status().applications[app_name].deployments[REPLICA]
     except Exception:  # the controller unreachable or the app gone: not ready, which /ready answers 503
         return {}
     return {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
@@ -299,9 +354,15 @@ def build(model_options: dict, controlnets: list[tuple[str, str]], config: Serve
     _, serve = require_serve()
     threads = None if scaling.gpus_per_replica else max(1, int(scaling.cpus_per_replica))
     replica = serve.deployment(Replica, name=REPLICA, **scaling.options(config.queue_size))
-    # The ingress is light (HTTP, PNG encoding): one, holding the job queue every request goes through.
+    # The ingress is light (HTTP, PNG encoding): one, holding the job queue every request goes through. It
+    # reserves no CPU (Serve's default is 1), which would be one a replica cannot have: 2 replicas of 1 CPU
+    # would never start on a 2-CPU machine.
     ingress = serve.deployment(
-        serve.ingress()(Ingress), name=INGRESS, num_replicas=1, max_ongoing_requests=1000
+        serve.ingress()(Ingress),
+        name=INGRESS,
+        num_replicas=1,
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replica.bind(model_options, controlnets, threads), config, scaling.most)
 
@@ -376,8 +437,6 @@ def run(
     shown = f"[{host}]" if ":" in host else host
     print(f"kolors: serving on Ray at http://{shown}:{port}  (web page /, API docs /docs)", flush=True)
     try:
-        import time
-
         while True:
             time.sleep(3600)
     finally:

@@ -149,6 +149,11 @@ class A1111Request(BaseModel):
     override_settings: dict[str, Any] | None = Field(
         None, description="only sd_model_checkpoint is read: it must name the served model"
     )
+    force_task_id: str | None = Field(
+        None,
+        max_length=200,
+        description="the id to follow this job by: POST /internal/progress's id_task, /sdapi/v1/interrupt's",
+    )
 
     def refuse_unsupported(self, answers_to) -> None:
         """A 422 naming the first field whose value would make other images than kolors can make."""

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kolors.errors import KolorsError
 from kolors.request import GenerationRequest, png_bytes
-from kolors.serve.jobs import Job, JobQueue, JobState, QueueFull
+from kolors.serve.jobs import Job, JobQueue, JobState, QueueFull, Unavailable
 from kolors.serve.schemas import RequestError, ServerConfig
 
 log = logging.getLogger("kolors.server")
@@ -88,10 +88,11 @@ def model(request: Request) -> ModelInfo:
     return request.app.state.model
 
 
-async def run_job(request: Request, calls: list[GenerationRequest]):
-    """Queue the calls as one job and await it: [(image, seed, request), ...] or an HTTP error."""
+async def run_job(request: Request, calls: list[GenerationRequest], task: str | None = None):
+    """Queue the calls as one job and await it: [(image, seed, request), ...] or an HTTP error. `task`: the id
+    A1111 clients follow it by (force_task_id)."""
     queue: JobQueue = request.app.state.queue
-    job = Job(calls)
+    job = Job(calls, task=task or "")
     try:
         queue.submit(job)
     except QueueFull as e:
@@ -106,6 +107,9 @@ async def run_job(request: Request, calls: list[GenerationRequest]):
     if isinstance(job.error, QueueFull):
         e = job.error
         raise HTTPException(429, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(job.error, Unavailable):
+        e = job.error
+        raise HTTPException(503, f"{e}; retry later", headers={"Retry-After": str(e.retry_after)})
     if isinstance(job.error, KolorsError):
         raise RequestError(None, str(job.error))
     if "out of memory" in str(job.error).lower():

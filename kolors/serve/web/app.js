@@ -10,6 +10,7 @@ const POLL_MS = 400;
 let busy = false;
 let interrupted = false; // the user pressed Interrupt during the current request
 let run = 0; // counts requests, so a poller left over from the last one stops
+let taskId = ""; // A1111's force_task_id of the running request: its progress and interrupt are its own
 let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
 let controlImage = null; // data: URL of the ControlNet's image, sent as sd-webui-controlnet's unit image
 let ipImage = null; // data: URL of the reference image, sent as sd-webui-controlnet's IP-Adapter unit
@@ -164,9 +165,11 @@ async function generate(event) {
   interrupted = false;
   setBusy(true);
   const endpoint = initImage ? "sdapi/v1/img2img" : "sdapi/v1/txt2img";
-  pollProgress(++run);
+  taskId = `task(web-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)})`;
+  const body = { ...buildRequest(), force_task_id: taskId };
+  pollProgress(++run, taskId);
   try {
-    const result = await api(endpoint, { method: "POST", body: buildRequest() });
+    const result = await api(endpoint, { method: "POST", body });
     addResults(result);
   } catch (e) {
     // 409: the server stopped the job before its first image, which is what Interrupt asked for.
@@ -176,12 +179,18 @@ async function generate(event) {
   }
 }
 
-// A1111's progress is the server's, not this request's: while ours waits in the queue it shows another job.
-async function pollProgress(id) {
+// A1111 1.6+'s per-task progress: this request's own job, with its place while it waits in the queue (the
+// server may run other people's jobs, or several at once), and its preview only when a new one is ready.
+async function pollProgress(id, task) {
+  let previewId = -1;
   while (busy && id === run) {
     try {
-      const p = await api("sdapi/v1/progress");
+      const p = await api("internal/progress", {
+        method: "POST",
+        body: { id_task: task, id_live_preview: previewId, live_preview: true },
+      });
       if (!busy || id !== run) break;
+      if (p.id_live_preview != null) previewId = p.id_live_preview;
       showProgress(p);
     } catch {
       /* a missed poll is harmless; the request itself reports real errors */
@@ -191,18 +200,20 @@ async function pollProgress(id) {
 }
 
 function showProgress(p) {
-  const state = p.state || {};
-  const step = state.sampling_step || 0;
-  const steps = state.sampling_steps || 0;
   $("progress").value = Math.min(1, Math.max(0, p.progress || 0));
-  // The server's cheap preview of the running job (null until its first step, or when previews are off).
-  if (p.current_image) $("preview").src = `data:image/png;base64,${p.current_image}`;
-  $("preview").hidden = !p.current_image;
-  if (state.interrupted) {
+  // The server's cheap preview of this job (sent when it changed; null until the first step, or when previews
+  // are off): the last one stays shown.
+  if (p.live_preview) {
+    $("preview").src = p.live_preview;
+    $("preview").hidden = false;
+  }
+  if (interrupted) {
     $("progress-text").textContent = "Interrupting…";
-  } else if (steps > 0) {
-    const eta = p.eta_relative > 0 ? ` · about ${Math.ceil(p.eta_relative)} s left` : "";
-    $("progress-text").textContent = `Step ${step} of ${steps}${eta}`;
+  } else if (p.active) {
+    const eta = p.eta > 0 ? ` · about ${Math.ceil(p.eta)} s left` : "";
+    $("progress-text").textContent = `${p.textinfo || "Working…"}${eta}`;
+  } else if (p.queued) {
+    $("progress-text").textContent = p.textinfo || "Waiting in the queue…";
   } else {
     $("progress-text").textContent = "Waiting for the model…";
   }
@@ -212,7 +223,7 @@ async function interrupt() {
   interrupted = true;
   $("progress-text").textContent = "Interrupting…";
   try {
-    await api("sdapi/v1/interrupt", { method: "POST" });
+    await api(`sdapi/v1/interrupt?id_task=${encodeURIComponent(taskId)}`, { method: "POST" });
   } catch (e) {
     showError(e.message);
   }
