@@ -574,7 +574,9 @@ class KolorsPipeline:
                 host = (
                     torch.device("cpu") if self.memory == "low" and self.device.type != "cpu" else self.device
                 )
-                model, processor = load_image_encoder(where, dtype=self.dtype, device=host)
+                # Low memory on CPU: the encoder's layers are read for its stage only, as the text encoder's
+                stream = self.memory == "low" and self.device.type == "cpu"
+                model, processor = load_image_encoder(where, dtype=self.dtype, device=host, stream=stream)
                 encoder = (where, model, processor)
         if encoder is not None:
             ipa.check_image_encoder(encoder[1].config.image_size, encoder[1].config.hidden_size)
@@ -831,8 +833,15 @@ class KolorsPipeline:
 
     def _stage(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Where `module` runs for one stage: on the device as it is, or moved there from host memory and
-        parked again after (memory="low" on a GPU)."""
-        return on_device(module, self.device) if module in self._parked else contextlib.nullcontext()
+        parked again after (memory="low" on a GPU); a streamed module (memory="low" on CPU: the image encoder,
+        whose stage calls more than its forward) lets go of its last layer after the stage."""
+        if module in self._parked:
+            return on_device(module, self.device)
+        stages = contextlib.ExitStack()
+        stream = getattr(module, "weight_stream", None)
+        if stream is not None:
+            stages.callback(stream.release)
+        return stages
 
     # ------------------------------------------------------------------------------------------------ generation
 
