@@ -91,10 +91,11 @@ def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:
 
 
 def load_image_encoder(
-    folder: Path, *, dtype: torch.dtype, device: torch.device | str
+    folder: Path, *, dtype: torch.dtype, device: torch.device | str, stream: bool = False
 ) -> tuple[clip_vision.CLIPVisionModelWithProjection, clip_vision.ImageProcessorConfig]:
     """An IP-Adapter's CLIP image encoder from `folder` (config.json and its weights; a whole CLIPModel's folder
-    works too), with its preprocessing: the folder's preprocessor_config.json, else CLIP's at the encoder's size."""
+    works too), with its preprocessing: the folder's preprocessor_config.json, else CLIP's at the encoder's size.
+    `stream`: nothing loaded now, each layer read when it runs (low memory on CPU; the model's `weight_stream`)."""
     if not (folder / "config.json").is_file():
         raise KolorsError(
             f"image encoder folder {folder} has no config.json; pass the IP-Adapter repo's image_encoder/ folder "
@@ -102,12 +103,18 @@ def load_image_encoder(
         )
     config = clip_vision.load_clip_vision_config(folder / "config.json")
     model = build_on_meta(lambda: clip_vision.CLIPVisionModelWithProjection(config))
-    load_weights(
-        model,
-        weight_files(folder),
-        dtype=dtype,
-        device=device,
-        transform=clip_vision.checkpoint_keys_transform,
-    )
+    if stream:
+        checkpoint = Checkpoint(weight_files(folder), clip_vision.checkpoint_keys_transform)
+        # Its meta placeholders in the dtype its layers will come in: the stage reads the dtype from them.
+        model = model.to(dtype)
+        model.weight_stream = stream_weights(model, checkpoint, dtype=dtype, device=torch.device(device))
+    else:
+        load_weights(
+            model,
+            weight_files(folder),
+            dtype=dtype,
+            device=device,
+            transform=clip_vision.checkpoint_keys_transform,
+        )
     processor = clip_vision.load_image_processor_config(folder, config.image_size)
     return model.eval().requires_grad_(False), processor

@@ -574,7 +574,9 @@ class KolorsPipeline:
                 host = (
                     torch.device("cpu") if self.memory == "low" and self.device.type != "cpu" else self.device
                 )
-                model, processor = load_image_encoder(where, dtype=self.dtype, device=host)
+                # Low memory on CPU: the encoder's layers are read for its stage only, as the text encoder's
+                stream = self.memory == "low" and self.device.type == "cpu"
+                model, processor = load_image_encoder(where, dtype=self.dtype, device=host, stream=stream)
                 encoder = (where, model, processor)
         if encoder is not None:
             ipa.check_image_encoder(encoder[1].config.image_size, encoder[1].config.hidden_size)
@@ -831,8 +833,15 @@ class KolorsPipeline:
 
     def _stage(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Where `module` runs for one stage: on the device as it is, or moved there from host memory and
-        parked again after (memory="low" on a GPU)."""
-        return on_device(module, self.device) if module in self._parked else contextlib.nullcontext()
+        parked again after (memory="low" on a GPU); a streamed module (memory="low" on CPU: the image encoder,
+        whose stage calls more than its forward) lets go of its last layer after the stage."""
+        if module in self._parked:
+            return on_device(module, self.device)
+        stages = contextlib.ExitStack()
+        stream = getattr(module, "weight_stream", None)
+        if stream is not None:
+            stages.callback(stream.release)
+        return stages
 
     # ------------------------------------------------------------------------------------------------ generation
 
@@ -1403,23 +1412,7 @@ def generate(
     request = request.validate().with_seed()
     if request.loras or pipe.get_active_adapters():
         pipe.set_loras(request.loras)  # this request's LoRAs and none other; the base weights stay loaded
-    image_prompts = {}
-    if request.ip_image is not None:
-        if getattr(pipe, "ip_adapter", None) is None:
-            raise InvalidRequest(
-                "ip_image", "a reference image was given but this pipeline has no IP-Adapter loaded"
-            )
-        pipe.set_ip_adapter_scale(request.ip_scale)
-        image_prompts["ip_adapter_image"] = request.ip_image
-    if request.face_image is not None:
-        if getattr(pipe, "faceid", None) is None:
-            raise InvalidRequest(
-                "face_image", "a face image was given but this pipeline has no FaceID adapter loaded"
-            )
-        pipe.set_faceid_scale(request.face_scale)
-        image_prompts["face_image"] = request.face_image
-        if request.face_embeds is not None:
-            image_prompts["face_embeds"] = np.asarray(request.face_embeds, dtype=np.float32)
+    image_prompts = image_prompt_call(pipe, request)
     out = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
@@ -1439,6 +1432,29 @@ def generate(
         **image_prompts,
     )
     return list(zip(out.images, out.seeds, strict=True))
+
+
+def image_prompt_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
+    """The image-prompt keywords of a pipeline call for `request` (its reference image, its face), each adapter's
+    scale set to the request's; a prompt for an adapter the pipeline has not loaded is an InvalidRequest."""
+    image_prompts = {}
+    if request.ip_image is not None:
+        if getattr(pipe, "ip_adapter", None) is None:
+            raise InvalidRequest(
+                "ip_image", "a reference image was given but this pipeline has no IP-Adapter loaded"
+            )
+        pipe.set_ip_adapter_scale(request.ip_scale)
+        image_prompts["ip_adapter_image"] = request.ip_image
+    if request.face_image is not None:
+        if getattr(pipe, "faceid", None) is None:
+            raise InvalidRequest(
+                "face_image", "a face image was given but this pipeline has no FaceID adapter loaded"
+            )
+        pipe.set_faceid_scale(request.face_scale)
+        image_prompts["face_image"] = request.face_image
+        if request.face_embeds is not None:
+            image_prompts["face_embeds"] = np.asarray(request.face_embeds, dtype=np.float32)
+    return image_prompts
 
 
 def inpainting(request: GenerationRequest) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kolors import KolorsError, KolorsPipeline
+from kolors import KolorsError, KolorsPipeline, samplers
 from tests.reference import TINY_UNET
 from tests.test_clip_vision import TINY_CLIP, photo, save_tiny_clip
 from tests.test_pipeline import assert_close
@@ -238,6 +238,24 @@ def test_image_encoder_path(tiny_model_dir, adapter_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def test_low_memory_reads_the_image_encoder_for_its_stage_only(tiny_model_dir, adapter_dir, pipe):
+    """memory="low" on CPU streams the encoder as it does the text encoder: no weight of it stays in memory
+    outside its stage, and the images are the same bit for bit."""
+    low = KolorsPipeline.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, device="cpu", memory="low", ip_adapter=adapter_dir
+    )
+    low.set_progress_bar_config(disable=True)
+    assert all(p.is_meta for p in low.image_encoder.parameters())
+    image = photo(48, 64, seed=2)
+    low.set_ip_adapter_scale(0.7)
+    pipe.set_ip_adapter_scale(0.7)
+    ours = low(**CALL, ip_adapter_image=image, generator=gen()).images
+    np.testing.assert_array_equal(ours, pipe(**CALL, ip_adapter_image=image, generator=gen()).images)
+    assert all(p.is_meta for p in low.image_encoder.parameters())
+    layers = TINY_CLIP["num_hidden_layers"]
+    assert low.image_encoder.weight_stream.fetches >= 2 * layers  # the image's pass and the zeroed pixels'
+
+
 def write(tmp_path, state, name="bad.bin"):
     torch.save(state, tmp_path / name)
     return tmp_path / name
@@ -337,6 +355,27 @@ def test_another_sampler_matches_diffusers(pipe, reference):
     kwargs = dict(CALL, num_inference_steps=3)
     theirs = ref(**kwargs, ip_adapter_image=image, generator=gen()).images
     ours = pipe(**kwargs, ip_adapter_image=image, sampler="dpmpp-2m", generator=gen()).images
+    assert_close(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:lcm is meant")
+@pytest.mark.parametrize("sampler", sorted(set(samplers.SAMPLERS) - {"euler", "dpmpp-2m"}))
+def test_every_sampler_matches_diffusers(pipe, reference, sampler):
+    """The image prompt only adds keys and values to the UNet's context: each of the other samplers, stochastic
+    ones included, matches diffusers' scheduler with the adapter (euler and dpmpp-2m are checked above)."""
+    from diffusers import KolorsPipeline as DiffusersKolors
+
+    from tests.test_samplers import reference_scheduler
+
+    scheduler = reference_scheduler(sampler, reference.scheduler.config, None)
+    ref = DiffusersKolors(**{**reference.components, "scheduler": scheduler})
+    ref.set_progress_bar_config(disable=True)
+    ref.set_ip_adapter_scale(0.6)
+    pipe.set_ip_adapter_scale(0.6)
+    image = photo(48, 64, seed=2)
+    kwargs = dict(CALL, num_inference_steps=2)
+    theirs = ref(**kwargs, ip_adapter_image=image, generator=gen()).images
+    ours = pipe(**kwargs, ip_adapter_image=image, sampler=sampler, generator=gen()).images
     assert_close(ours, theirs)
 
 

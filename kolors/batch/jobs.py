@@ -11,7 +11,8 @@ seed gets one hashed from the base seed (--seed, default 0) and its KEY, so a re
 Image-to-image and inpainting jobs name their `image` and `mask` files, relative to the jobs file; their content
 (a hash) is part of what an image depends on, so editing the picture makes a new image. Their output takes the
 image's own size (rounded down to 8); `width` and `height` do not apply. A job with a mask and no `strength`
-gets inpainting's 0.9999.
+gets inpainting's 0.9999. Image prompts name their files the same way: `ip_image` (with `ip_scale`) for the
+IP-Adapter, `face_image` (with `face_scale`) for FaceID (the face found in it by insightface, --face-models).
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ from kolors.request import DEFAULT_LIMITS, FIELDS, ControlUnit, GenerationReques
 
 # A job's ControlNet: a ControlNet folder or repo, its control image file, weight and preprocessor.
 CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess")
-# A job's fields: the request's but FaceID's (its image, mask and IP-Adapter reference as file names), plus an
+# A job's fields: the request's but a face embedding (its image, mask and image prompts as file names), plus an
 # id and its ControlNet.
-NOT_JOB_FIELDS = ("face_image", "face_embeds", "face_scale")
+NOT_JOB_FIELDS = ("face_embeds",)
 JOB_FIELDS = ("id", *(f for f in FIELDS if f not in NOT_JOB_FIELDS), *CONTROL_FIELDS)
 FILE_FIELDS = ("image", "mask")
+PROMPT_FILE_FIELDS = ("ip_image", "face_image")  # read by the pipeline from their paths, made absolute here
+FACE_FIELDS = ("face_image", "face_scale")  # in manifest rows only when the job has a face, as ControlNet's
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images", "inpaint_padding"}
-NUMBERS = {"guidance", "strength", "mask_blur", "control_scale", "ip_scale"}
+NUMBERS = {"guidance", "strength", "mask_blur", "control_scale", "ip_scale", "face_scale"}
 FLAGS = {"mask_invert", "paste_back"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
@@ -61,6 +64,8 @@ LATER_FIELDS = {
     "paste_back": True,
     "ip_image": None,
     "ip_scale": 0.5,
+    "face_image": None,
+    "face_scale": 0.8,
     **dict.fromkeys(CONTROL_FIELDS),
 }
 # The fields every content key hashes; a later field joins the hash only when it differs from what older jobs
@@ -114,6 +119,7 @@ class ImageSpec:
             self.files,
             inpaint,
             (r.ip_image, r.ip_scale),
+            (r.face_image, r.face_scale),
             self.control,
         )
 
@@ -157,6 +163,8 @@ class ImageSpec:
         row = {"file": self.file, "id": self.id, "keyed_by": self.keyed_by, "line": self.line}
         # ControlNet fields only when the job has one: rows of other jobs stay as they were.
         params = {k: v for k, v in self.params.items() if k not in CONTROL_FIELDS or v is not None}
+        if self.request.face_image is None:
+            params = {k: v for k, v in params.items() if k not in FACE_FIELDS}
         row = {**row, "index": self.index, **params}
         return row if model is None else {**row, "model": model}
 
@@ -312,14 +320,18 @@ def _job_specs(
     values["guidance"] = float(values["guidance"])
     if "mask" in values and "strength" not in record:
         values["strength"] = 0.9999  # inpainting's default, as the CLI's
+    given = dict(values)  # a content key hashes the image prompts' paths as written, as it always has
     files, images = _read_files(values, base, limits)
+    for name in PROMPT_FILE_FIELDS:
+        if isinstance(values.get(name), str):
+            values[name] = str((base / Path(values[name]).expanduser()).resolve())
     # the values as given, before a seed is derived
     GenerationRequest(**_with_control(values), **images).validate(limits)
     del images  # read to check them; made from their files later
     key = (
         _file_key(job_id)
         if job_id is not None
-        else _content_key({**values, **{f"{n}_hash": h for n, _, h in files}}, base_seed, seen)
+        else _content_key({**given, **{f"{n}_hash": h for n, _, h in files}}, base_seed, seen)
     )
     n = values["num_images"]
     if values.get("seed") is None:

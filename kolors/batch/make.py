@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kolors.batch.jobs import ImageSpec
-from kolors.pipeline import KolorsPipeline, control_call, inpainting, lora_hashes
+from kolors.pipeline import KolorsPipeline, control_call, image_prompt_call, inpainting, lora_hashes
 from kolors.request import save_png
 
 
@@ -41,10 +41,7 @@ def generate(
     cfg = first.guidance > 1.0
     requests = [s.request for s in chunk]
     start = chunk[0].loaded(images) if chunk[0].files else None  # one image and mask for the whole group
-    image_prompt = {}
-    if first.ip_image is not None:  # one reference per group (batches groups by it)
-        pipe.set_ip_adapter_scale(first.ip_scale)
-        image_prompt["ip_adapter_image"] = first.ip_image
+    image_prompt = image_prompt_call(pipe, first)  # one reference and face per group (batches groups by them)
     if first.loras or pipe.get_active_adapters():
         pipe.set_loras(first.loras)  # one LoRA set per group (batches groups by it)
     embeds = pipe.encode_texts(

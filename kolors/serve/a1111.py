@@ -29,6 +29,7 @@ from kolors.serve.schemas import (
     decode_base64,
     decode_image,
     decode_mask,
+    face_unit,
     fit_init_image,
     ip_adapter_unit,
     lora_files,
@@ -62,28 +63,37 @@ async def respond(request: Request, body, calls, parameters: dict) -> A1111Respo
 
 
 async def reference_image(body, request: Request) -> dict:
-    """The IP-Adapter unit's reference image and weight (sd-webui-controlnet's shape), as a1111_calls keywords."""
-    unit = ip_adapter_unit(body.alwayson_scripts)
-    if unit is None:
-        return {}
-    field, data, weight = unit
-    if not request.app.state.image_prompts.get("ip"):
-        raise RequestError(
-            field, "this server has no IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"
-        )
+    """The IP-Adapter unit's reference image and weight and the FaceID unit's face photo and weight
+    (sd-webui-controlnet's shape), as a1111_calls keywords."""
+    found = {}
+    for kind, unit_of, needs in (
+        ("ip", ip_adapter_unit, "an IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"),
+        ("face", face_unit, "a FaceID adapter loaded; start it with --faceid PATH_OR_REPO"),
+    ):
+        unit = unit_of(body.alwayson_scripts)
+        if unit is None:
+            continue
+        if not request.app.state.image_prompts.get(kind):
+            raise RequestError(unit[0], f"this server has no {needs}")
+        found[kind] = unit
     cfg = config(request)
 
     def work():
-        with request.app.state.decodes:
-            return decode_image(decode_base64(data, cfg, f"{field}.image"), cfg, f"{field}.image")
+        out = {}
+        for kind, (field, data, weight) in found.items():
+            with request.app.state.decodes:
+                image = decode_image(decode_base64(data, cfg, f"{field}.image"), cfg, f"{field}.image")
+            out |= {f"{kind}_image": image, f"{kind}_scale": weight}
+        return out
 
-    return {"ip_image": await run_in_threadpool(work), "ip_scale": weight}
+    return await run_in_threadpool(work) if found else {}
 
 
 @router.post("/txt2img", response_model=A1111Response, responses=A1111_ERRORS)
 async def txt2img(body: Txt2ImgRequest, request: Request) -> A1111Response:
     """Text to image: `images` are base64 PNGs carrying their `parameters` text; `info` a JSON string. An
-    sd-webui-controlnet unit with an IP-Adapter module in `alwayson_scripts` is the reference image."""
+    sd-webui-controlnet unit with an IP-Adapter module in `alwayson_scripts` is the reference image, one with a
+    FaceID module (ip-adapter_face_id_plus) the face to keep."""
     body.refuse_unsupported(model(request).answers_to)
     cfg, native = config(request), model(request).native_size
     size = (body.width or native, body.height or native)

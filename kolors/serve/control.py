@@ -207,6 +207,14 @@ async def module_list() -> dict[str, Any]:
     return {"module_list": list(PREPROCESSORS)}
 
 
+@router.get("/image_prompts")
+async def image_prompts(request: Request) -> dict[str, bool]:
+    """Which image-prompt units this server takes: an IP-Adapter's reference image (module "ip-adapter...",
+    kolors serve --ip-adapter) and a FaceID face (module "ip-adapter_face_id_plus", kolors serve --faceid)."""
+    loaded = request.app.state.image_prompts
+    return {"ip_adapter": bool(loaded.get("ip")), "faceid": bool(loaded.get("face"))}
+
+
 class DetectRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     controlnet_module: str = "none"

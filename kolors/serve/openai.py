@@ -85,25 +85,34 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
         controlnets=units,
         ip_image=await reference_image(body.ip_adapter_image, request),
         ip_scale=body.ip_adapter_scale,
+        face_image=await reference_image(body.face_image, request, "face_image"),
+        face_scale=body.face_scale,
+        face_embeds=body.face_embeds,
         **body.model_dump(include=fields),
     )
     return await respond(request, call, body.response_format)
 
 
-async def reference_image(data: str | None, request: Request):
-    """The decoded ip_adapter_image of a request (Kolors' extension field), or None."""
+# An image prompt's field -> (the adapter it needs, the server option that loads it)
+IMAGE_PROMPTS = {
+    "ip_adapter_image": ("ip", "an IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"),
+    "face_image": ("face", "a FaceID adapter loaded; start it with --faceid PATH_OR_REPO"),
+}
+
+
+async def reference_image(data: str | None, request: Request, field: str = "ip_adapter_image"):
+    """The decoded image of an image-prompt field (Kolors' extension fields ip_adapter_image and face_image),
+    or None."""
     if data is None:
         return None
-    if not request.app.state.image_prompts.get("ip"):
-        raise RequestError(
-            "ip_adapter_image",
-            "this server has no IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO",
-        )
+    kind, needs = IMAGE_PROMPTS[field]
+    if not request.app.state.image_prompts.get(kind):
+        raise RequestError(field, f"this server has no {needs}")
     cfg = config(request)
 
     def work():
         with request.app.state.decodes:
-            return decode_image(decode_base64(data, cfg, "ip_adapter_image"), cfg, "ip_adapter_image")
+            return decode_image(decode_base64(data, cfg, field), cfg, field)
 
     return await run_in_threadpool(work)
 

@@ -264,6 +264,16 @@ class OpenAIImageRequest(BaseModel):
         None, description="reference image (base64 PNG/JPEG/WebP) for the server's --ip-adapter"
     )
     ip_adapter_scale: float | None = Field(None, ge=0, le=10, description="its weight (default 0.5)")
+    face_image: str | None = Field(
+        None, description="a photo of the face to keep (base64 PNG/JPEG/WebP) for the server's --faceid"
+    )
+    face_scale: float | None = Field(None, ge=0, le=10, description="its weight (default 0.8)")
+    face_embeds: list[float] | None = Field(
+        None,
+        min_length=512,
+        max_length=512,
+        description="insightface's 512-d embedding of the face, with face_image the face crop: no face detection",
+    )
 
 
 class OpenAIImage(BaseModel):
@@ -469,9 +479,12 @@ def fit_init_image(
 
 # ---------------------------------------------------------------------------------------------------- IP-Adapter
 
-# sd-webui-controlnet's IP-Adapter preprocessors are "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", ...
+# sd-webui-controlnet's IP-Adapter preprocessors are "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", ...; its
+# FaceID ones "ip-adapter_face_id" and "ip-adapter_face_id_plus", and "ip-adapter-auto" picks by the model's name
+# ("ip-adapter-faceid-plusv2_sdxl", ...).
 IP_ADAPTER_MODULE = "ip-adapter"
 DEFAULT_IP_SCALE = 0.5
+DEFAULT_FACE_SCALE = 0.8  # the official FaceID-Plus sample's
 
 
 def _controlnet_units(scripts) -> list:
@@ -483,30 +496,48 @@ def _controlnet_units(scripts) -> list:
 
 
 def is_ip_adapter_unit(unit) -> bool:
+    """An IP-Adapter unit of either kind (a reference image or a face), not a ControlNet's."""
     return isinstance(unit, dict) and str(unit.get("module") or "").lower().startswith(IP_ADAPTER_MODULE)
+
+
+def is_face_unit(unit) -> bool:
+    """A FaceID unit: its module says face_id, or ip-adapter-auto with a FaceID model."""
+    if not is_ip_adapter_unit(unit):
+        return False
+    module, model = str(unit.get("module")).lower(), str(unit.get("model") or "").lower()
+    return "face_id" in module or "faceid" in module or ("auto" in module and "faceid" in model)
 
 
 def ip_adapter_unit(scripts: dict | None) -> tuple[str, str, float] | None:
     """(field, base64 image, weight) of the IP-Adapter unit of an A1111 request, as webuiapi's ControlNetUnit sends
     it (`module` "ip-adapter...", `image` base64 or {"image": base64}, `weight`); None without one."""
+    return _image_prompt_unit(scripts, face=False)
+
+
+def face_unit(scripts: dict | None) -> tuple[str, str, float] | None:
+    """(field, base64 face photo, weight) of the FaceID unit of an A1111 request (`module`
+    "ip-adapter_face_id_plus" or "ip-adapter_face_id", `image`, `weight`); None without one."""
+    return _image_prompt_unit(scripts, face=True)
+
+
+def _image_prompt_unit(scripts: dict | None, face: bool) -> tuple[str, str, float] | None:
     found = [
         (i, u)
         for i, u in enumerate(_controlnet_units(scripts))
-        if is_ip_adapter_unit(u) and u.get("enabled") is not False
+        if is_ip_adapter_unit(u) and is_face_unit(u) == face and u.get("enabled") is not False
     ]
+    kind, what = ("FaceID", "face photo") if face else ("IP-Adapter", "reference image")
     if not found:
         return None
     if len(found) > 1:
-        raise RequestError("alwayson_scripts.ControlNet.args", "one IP-Adapter unit per request is supported")
+        raise RequestError("alwayson_scripts.ControlNet.args", f"one {kind} unit per request is supported")
     i, unit = found[0]
     field = f"alwayson_scripts.ControlNet.args[{i}]"
     image = unit.get("image") or unit.get("input_image")
     image = image.get("image") if isinstance(image, dict) else image
     if not isinstance(image, str) or not image:
-        raise RequestError(
-            f"{field}.image", "the IP-Adapter unit needs its reference image (base64) in image"
-        )
-    weight = unit.get("weight", DEFAULT_IP_SCALE)
+        raise RequestError(f"{field}.image", f"the {kind} unit needs its {what} (base64) in image")
+    weight = unit.get("weight", DEFAULT_FACE_SCALE if face else DEFAULT_IP_SCALE)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 10:
         raise RequestError(f"{field}.weight", f"weight must be a number from 0 to 10, not {weight!r}")
     return field, image, float(weight)
@@ -523,6 +554,8 @@ A1111_FIELDS = {
     "schedule": "scheduler",
     "ip_image": "alwayson_scripts",
     "ip_scale": "alwayson_scripts",
+    "face_image": "alwayson_scripts",
+    "face_scale": "alwayson_scripts",
 }
 A1111_INPAINT_FIELDS = {
     "masked_content": "inpainting_fill",
@@ -534,6 +567,9 @@ OPENAI_FIELDS = {
     "guidance": "guidance_scale",
     "ip_image": "ip_adapter_image",
     "ip_scale": "ip_adapter_scale",
+    "face_image": "face_image",
+    "face_scale": "face_scale",
+    "face_embeds": "face_embeds",
     "loras": "loras",
     "num_images": "n",
     "width": "size",
@@ -552,6 +588,8 @@ def a1111_calls(
     controlnets: tuple = (),
     ip_image: Image.Image | None = None,
     ip_scale: float = DEFAULT_IP_SCALE,
+    face_image: Image.Image | None = None,
+    face_scale: float = DEFAULT_FACE_SCALE,
 ) -> list[GenerationRequest]:
     """One GenerationRequest per `n_iter`, each of `batch_size` images; image i of the job gets seed + i."""
     inpaint = {}
@@ -586,6 +624,8 @@ def a1111_calls(
         controlnets=controlnets,
         ip_image=ip_image,
         ip_scale=ip_scale,
+        face_image=face_image,
+        face_scale=face_scale,
     )
     job = checked(job, config, {**A1111_FIELDS, **A1111_INPAINT_FIELDS, "strength": "denoising_strength"})
     call = replace(job, num_images=body.batch_size)
@@ -650,6 +690,9 @@ def openai_call(
     controlnets: tuple = (),
     ip_image: Image.Image | None = None,
     ip_scale: float | None = None,
+    face_image: Image.Image | None = None,
+    face_scale: float | None = None,
+    face_embeds: list[float] | None = None,
     **inpaint,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
@@ -675,5 +718,8 @@ def openai_call(
         controlnets=controlnets,
         ip_image=ip_image,
         ip_scale=DEFAULT_IP_SCALE if ip_scale is None else ip_scale,
+        face_image=face_image,
+        face_scale=DEFAULT_FACE_SCALE if face_scale is None else face_scale,
+        face_embeds=None if face_embeds is None else tuple(face_embeds),
     )
     return checked(request, config, OPENAI_FIELDS)

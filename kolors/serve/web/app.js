@@ -14,6 +14,7 @@ let taskId = ""; // A1111's force_task_id of the running request: its progress a
 let initImage = null; // data: URL of the image-to-image start image, sent as A1111's init_images[0]
 let controlImage = null; // data: URL of the ControlNet's image, sent as sd-webui-controlnet's unit image
 let ipImage = null; // data: URL of the reference image, sent as sd-webui-controlnet's IP-Adapter unit
+let faceImage = null; // data: URL of the face photo, sent as sd-webui-controlnet's FaceID unit
 
 // ---- talking to the server ----
 
@@ -134,6 +135,12 @@ function buildRequest() {
   if (ipImage) {
     // The reference image as sd-webui-controlnet's IP-Adapter unit, beside a ControlNet unit if there is one.
     const unit = { module: "ip-adapter", image: ipImage, weight: Number($("ip-scale").value) };
+    body.alwayson_scripts = body.alwayson_scripts || { ControlNet: { args: [] } };
+    body.alwayson_scripts.ControlNet.args.push(unit);
+  }
+  if (faceImage) {
+    // The face as sd-webui-controlnet's FaceID-Plus unit: the server finds the face and keeps it.
+    const unit = { module: "ip-adapter_face_id_plus", image: faceImage, weight: Number($("face-scale").value) };
     body.alwayson_scripts = body.alwayson_scripts || { ControlNet: { args: [] } };
     body.alwayson_scripts.ControlNet.args.push(unit);
   }
@@ -379,20 +386,22 @@ function readControlImage(file) {
 
 // ---- reference image (IP-Adapter) ----
 
-function readReference(file) {
+// The reference image's ("ip") or the face's ("face") slot: its file, preview box and strength slider.
+function readReference(file, kind = "ip") {
   showError("");
-  if (!file) return clearReference();
+  if (!file) return clearReference(kind);
   const reader = new FileReader();
   reader.onload = () => {
     const probe = new Image();
     probe.onload = () => {
-      ipImage = reader.result;
-      $("ip-preview").src = ipImage;
-      $("ip-box").hidden = false;
-      $("ip-scale").disabled = false;
+      if (kind === "face") faceImage = reader.result;
+      else ipImage = reader.result;
+      $(`${kind}-preview`).src = reader.result;
+      $(`${kind}-box`).hidden = false;
+      $(`${kind}-scale`).disabled = false;
     };
     probe.onerror = () => {
-      clearReference();
+      clearReference(kind);
       showError(`${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file.`);
     };
     probe.src = reader.result;
@@ -434,12 +443,20 @@ async function loadControlNets() {
   $("control-module").replaceChildren(...modules.map((m) => new Option(m, m)));
 }
 
-function clearReference() {
-  ipImage = null;
-  $("ip-image").value = "";
-  $("ip-preview").removeAttribute("src");
-  $("ip-box").hidden = true;
-  $("ip-scale").disabled = true;
+function clearReference(kind = "ip") {
+  if (kind === "face") faceImage = null;
+  else ipImage = null;
+  $(`${kind}-image`).value = "";
+  $(`${kind}-preview`).removeAttribute("src");
+  $(`${kind}-box`).hidden = true;
+  $(`${kind}-scale`).disabled = true;
+}
+
+// The face slot only where the server loaded a FaceID adapter (kolors serve --faceid).
+async function loadImagePrompts() {
+  const prompts = await api("controlnet/image_prompts");
+  $("face-fieldset").hidden = !prompts.faceid;
+  if (!prompts.faceid) clearReference("face");
 }
 
 // ---- gallery ----
@@ -544,6 +561,7 @@ async function loadServerInfo() {
     fillSamplers(await api("sdapi/v1/samplers"));
     fillLoras(await api("sdapi/v1/loras"));
     await loadControlNets();
+    await loadImagePrompts();
   } catch (e) {
     showError(e.message);
   }
@@ -614,7 +632,10 @@ function init() {
   $("control-scale").addEventListener("input", () => ($("control-scale-value").value = Number($("control-scale").value).toFixed(2)));
   $("ip-scale").addEventListener("input", () => ($("ip-scale-value").value = Number($("ip-scale").value).toFixed(2)));
   $("ip-image").addEventListener("change", () => readReference($("ip-image").files[0]));
-  $("clear-ip").addEventListener("click", clearReference);
+  $("clear-ip").addEventListener("click", () => clearReference("ip"));
+  $("face-scale").addEventListener("input", () => ($("face-scale-value").value = Number($("face-scale").value).toFixed(2)));
+  $("face-image").addEventListener("change", () => readReference($("face-image").files[0], "face"));
+  $("clear-face").addEventListener("click", () => clearReference("face"));
   $("generate-form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
