@@ -5,7 +5,9 @@ import torch
 
 from tests.reference import build_reference_pipeline, save_reference_pipeline
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: tiny models gain nothing from a second one, and on a shared 2-core machine two threads ran a tiny
+# UNet step 15x slower (they wait for each other while other processes hold the cores).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
