@@ -413,3 +413,22 @@ def test_scaling_becomes_deployment_options():
     fixed = Scaling(replicas=2, max_replicas=2)
     assert fixed.options(4)["num_replicas"] == 2 and fixed.most == 2
     check_address("auto")  # left to Ray
+
+
+def test_the_ingress_knows_which_image_prompts_the_replicas_loaded(replica):
+    """Image prompts are loaded on the replicas, and the ingress's routes accept or refuse them by what those
+    loaded: it learns it from their info."""
+    loaded = types.SimpleNamespace(
+        name=replica.pipe.name,
+        native_size=replica.pipe.native_size,
+        label=replica.pipe.label,
+        controlnets={},
+        ip_adapter=object(),
+        faceid=None,
+    )
+    with TestClient(remote_app(held_replica(loaded), **LIMITS), base_url=BASE) as client:
+        assert client.get("/controlnet/image_prompts").json() == {"ip_adapter": True, "faceid": False}
+    with TestClient(remote_app(replica, **LIMITS), base_url=BASE) as client:
+        assert client.get("/controlnet/image_prompts").json() == {"ip_adapter": False, "faceid": False}
+        r = client.post("/v1/images/generations", json={"prompt": "a cat", "ip_adapter_image": "AAAA"})
+        assert r.status_code == 400 and "ip_adapter_image" in r.text

@@ -179,6 +179,9 @@ class Replica:
             native_size=pipe.native_size,
             label=pipe.label,
             controlnets=list(getattr(pipe, "controlnets", {})),
+            # which image prompts were loaded at start: the ingress's routes accept or refuse them by this
+            ip_adapter=getattr(pipe, "ip_adapter", None) is not None,
+            faceid=getattr(pipe, "faceid", None) is not None,
         )
 
     async def stream(self, request: GenerationRequest, preview_every: int = 1, key: str | None = None):
@@ -249,6 +252,9 @@ class RemotePipe:
         self.handle, self.preview_every, self.stops = handle, preview_every, stops or Stops()
         self.name, self.native_size, self.label = info["name"], info["native_size"], info["label"]
         self.controlnets = dict.fromkeys(info["controlnets"])
+        # create_app asks `pipe.ip_adapter is not None`: a marker stands for the replicas' loaded adapter
+        self.ip_adapter = "on the replicas" if info.get("ip_adapter") else None
+        self.faceid = "on the replicas" if info.get("faceid") else None
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         pass  # the replicas' bars are off
