@@ -6,8 +6,9 @@
 A step with one ControlNet is what StableDiffusionXLControlNetPipeline runs per step with classifier-free
 guidance: the ControlNet on batch 2 (its control image in both halves), then the UNet with its residuals.
 diffusers' ControlNet applies its own encoder_hid_proj first (as Kolors' pipeline patches it), and both of its
-models project the text and compute every cross-attention's keys and values each step; kolors reads both models'
-from the caches `prepare_context` builds once per generation. The bare step is kolors' UNet alone, so
+models project the text and compute every cross-attention's keys and values each step, and its ControlNet embeds
+the control image each step; kolors reads both models' keys and values from the caches `prepare_context` builds
+once per generation, and the image's embedding from `prepare_hint`, also once per generation. The bare step is kolors' UNet alone, so
 "kolors+cn / bare" is the ControlNet's cost. The ControlNet is diffusers' ControlNetModel.from_unet of the random
 UNet (Kolors' ControlNets have the UNet's down half), and each side holds one copy of the weights, shared between
 the two implementations as in bench_unet.py. Same timing rules as bench_unet.py (interleaved, medians, CPU time).
@@ -80,13 +81,14 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     context, cn_context = unet.prepare_context(states), cn.prepare_context(states)
+    hint = cn.prepare_hint(cond)  # the control image's embedding, once per generation as in the pipeline
     prepare_s = time.perf_counter() - start
 
     def bare():
         return unet(x, t, context, pooled, ids)
 
     def kolors_cn():
-        down, mid = cn(x, t, cn_context, pooled, ids, cond, 0.7)
+        down, mid = cn(x, t, cn_context, pooled, ids, hint, 0.7)
         return unet(x, t, context, pooled, ids, down, mid)
 
     def diffusers_cn():

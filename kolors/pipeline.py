@@ -1149,6 +1149,7 @@ class KolorsPipeline:
         half = pooled.shape[0] // 2 if guess_mode and cfg else 0
         control_pads = pads[half:] if pads is not None else None
         control_contexts = [u.model.prepare_context(states[half:], pads=control_pads) for u in units]
+        hints = [u.model.prepare_hint(u.image) for u in units]  # the control images embedded, once too
         steps = len(timesteps)
         keeps = [control.keep_window(u.start, u.end, steps) for u in units]
         if image_prompts:  # the image prompts' keys and values beside the text's, once too
@@ -1172,7 +1173,7 @@ class KolorsPipeline:
             unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels], dim=1)
             t = t_device[i].expand(x_in.shape[0])
             down, mid = None, None
-            for unit, unit_context, keep in zip(units, control_contexts, keeps, strict=True):
+            for unit, unit_context, hint, keep in zip(units, control_contexts, hints, keeps, strict=True):
                 scale = unit.scale * keep[i]
                 if scale == 0.0:
                     continue
@@ -1182,12 +1183,13 @@ class KolorsPipeline:
                     unit_context,
                     pooled[half:],
                     time_ids[half:],
-                    unit.image,
+                    hint,
                     scale,
                     guess_mode,
                 )
-                down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
-                mid = m if mid is None else mid + m
+                # Each ControlNet's residuals are its own fresh tensors: the first one's hold the sum.
+                down = d if down is None else [a.add_(b) for a, b in zip(down, d, strict=True)]
+                mid = m if mid is None else mid.add_(m)
             if down is not None and half:  # the unconditional rows get nothing (diffusers adds zeros)
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                 mid = torch.cat([torch.zeros_like(mid), mid])

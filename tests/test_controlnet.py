@@ -167,6 +167,10 @@ def test_model_matches_diffusers(reference_controlnets, controlnet_dirs):
             for a, b in zip([*down, mid], [*ref_down, ref_mid], strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             assert ref_mid.abs().max() > 0.1
+            # The control image embedded once (prepare_hint, as the pipeline does): the same residuals.
+            hinted = model(x, t, states, pooled, ids, model.prepare_hint(cond), 0.7, guess_mode=guess)
+            for a, b in zip([*hinted[0], hinted[1]], [*down, mid], strict=True):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ whole images
