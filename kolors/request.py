@@ -58,6 +58,12 @@ DEFAULT_LIMITS = Limits(max_width=2048, max_height=2048, max_steps=150, max_imag
 
 # Control image preprocessors (kolors.adapters.preprocess implements them), here so that the faces can list them.
 PREPROCESSORS = ("none", "canny", "depth", "openpose", "dwpose")
+# sd-webui-controlnet's control modes, by its names: how a ControlNet's residuals are weighted, and on which rows.
+CONTROL_MODES = {
+    "balanced": "Balanced",  # the weight on every residual, both guidance halves (diffusers' default)
+    "prompt": "My prompt is more important",  # weights decaying towards the first skips, both halves
+    "control": "ControlNet is more important",  # the same weights, the conditional half alone
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     options: tuple[tuple[str, float], ...] = ()  # the preprocessor's options, e.g. (("low_threshold", 50),)
+    control_mode: str = "balanced"  # a key of CONTROL_MODES
 
 
 @dataclass(frozen=True)
@@ -274,7 +281,7 @@ def control_infotext(unit: ControlUnit) -> str:
             *thresholds,
             f"Guidance Start: {unit.start}",
             f"Guidance End: {unit.end}",
-            "Control Mode: Balanced",
+            f"Control Mode: {CONTROL_MODES.get(unit.control_mode, unit.control_mode)}",
         ]
     )
 
@@ -303,6 +310,12 @@ def check_controlnets(units) -> None:
                 f"unknown preprocessor {unit.preprocess!r} for ControlNet {i}; choose one of: {', '.join(PREPROCESSORS)}",
             )
         check_control(unit.scale, unit.start, unit.end)
+        if unit.control_mode not in CONTROL_MODES:
+            raise InvalidRequest(
+                "controlnets",
+                f"unknown control mode {unit.control_mode!r} for ControlNet {i}; choose one of: "
+                f"{', '.join(CONTROL_MODES)}",
+            )
 
 
 def check_loras(loras) -> None:

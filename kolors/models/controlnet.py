@@ -18,6 +18,7 @@ every step).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -192,13 +193,13 @@ class ControlNetModel(nn.Module):
         text_embeds: Tensor,
         time_ids: Tensor,
         cond: Tensor | ControlHint,
-        scale: float = 1.0,
+        scale: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
     ) -> tuple[list[Tensor], Tensor]:
         """Residuals for the UNet's skips (one per skip, conv_in's first) and for its mid output, each times
-        `scale`, for latents `sample` and control image `cond` (B, 3, H, W) in [0, 1] or its `prepare_hint`; the
-        other inputs as the UNet's forward takes them. `guess_mode` scales the residuals from 0.1 (first skip) to
-        1 (mid) times `scale`, log-spaced, as diffusers does."""
+        `scale` (or its own of a list, the mid's last), for latents `sample` and control image `cond` (B, 3, H, W)
+        in [0, 1] or its `prepare_hint`; the other inputs as the UNet's forward takes them. `guess_mode` scales
+        the residuals from 0.1 (first skip) to 1 (mid) times `scale`, log-spaced, as diffusers does."""
         temb = self.embed_time(sample, timestep, text_embeds, time_ids)
         context = encoder_hidden_states
         if not isinstance(context, ContextCache):  # all T keys, diffusers' computation (with the projection)
@@ -220,6 +221,9 @@ class ControlNetModel(nn.Module):
                 torch.logspace(-1, 0, len(down) + 1, device=sample.device) * scale
             )  # float32, as diffusers
             return [d.mul_(s) for d, s in zip(down, scales, strict=False)], mid.mul_(scales[-1])
+        if not isinstance(scale, (int, float)):
+            *down_scales, mid_scale = scale
+            return [d.mul_(s) for d, s in zip(down, down_scales, strict=True)], mid.mul_(mid_scale)
         if scale == 1.0:  # times 1 is the identity, bit for bit
             return down, mid
         return [d.mul_(scale) for d in down], mid.mul_(scale)
