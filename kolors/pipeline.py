@@ -1502,6 +1502,8 @@ def control_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
         controlnet_conditioning_scale=[u.scale for u in request.controlnets],
         control_guidance_start=[u.start for u in request.controlnets],
         control_guidance_end=[u.end for u in request.controlnets],
+        control_mode=[u.control_mode for u in request.controlnets],
+        guess_mode=request.control_guess_mode,
     )
 
 

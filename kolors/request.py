@@ -122,6 +122,9 @@ class GenerationRequest:
     face_scale: float = 0.8
     # (kind, adapter name) of each image prompt, filled in by the pipeline: the image's parameters name them
     image_adapters: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    # diffusers' guess mode for every ControlNet: the conditional half alone, weights rising 0.1 to 1 over the
+    # skips (each unit's control_mode is sd-webui-controlnet's weighting instead; the two do not combine)
+    control_guess_mode: bool = False
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """The one validation, before any model is loaded; returns the request itself."""
@@ -139,6 +142,7 @@ class GenerationRequest:
         check_loras(self.loras)
         check_inpaint(self)
         check_controlnets(self.controlnets)
+        check_guess_mode(self)
         check_image_prompts(self)
         return self
 
@@ -180,6 +184,8 @@ class GenerationRequest:
             )
         for i, unit in enumerate(self.controlnets):  # as sd-webui-controlnet records its units
             fields.append(f'ControlNet {i}: "{control_infotext(unit)}"')
+        if self.controlnets and self.control_guess_mode:  # not a unit field: A1111 would refuse the unit
+            fields.append("Guess Mode: True")
         names = dict(self.image_adapters)
         for kind, label, image, scale in (
             ("ip", "IP-Adapter", self.ip_image, self.ip_scale),
@@ -316,6 +322,21 @@ def check_controlnets(units) -> None:
                 f"unknown control mode {unit.control_mode!r} for ControlNet {i}; choose one of: "
                 f"{', '.join(CONTROL_MODES)}",
             )
+
+
+def check_guess_mode(request: GenerationRequest) -> None:
+    if not isinstance(request.control_guess_mode, bool):
+        raise InvalidRequest(
+            "control_guess_mode",
+            f"control_guess_mode must be true or false, not {request.control_guess_mode!r}",
+        )
+    modes = {u.control_mode for u in request.controlnets} - {"balanced"}
+    if request.control_guess_mode and modes:
+        raise InvalidRequest(
+            "control_guess_mode",
+            f"guess mode is diffusers' weighting and control mode {sorted(modes)[0]!r} sd-webui-controlnet's; "
+            "use one: guess mode with Balanced units, or a control mode without guess mode",
+        )
 
 
 def check_loras(loras) -> None:

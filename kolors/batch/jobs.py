@@ -33,8 +33,8 @@ from kolors.errors import KolorsError
 from kolors.pipeline import load_image
 from kolors.request import DEFAULT_LIMITS, FIELDS, ControlUnit, GenerationRequest, Limits, check_size
 
-# A job's ControlNet: a ControlNet folder or repo, its control image file, weight and preprocessor.
-CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess")
+# A job's ControlNet: a ControlNet folder or repo, its control image file, weight, preprocessor and control mode.
+CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess", "control_mode")
 # A job's fields: the request's but FaceID's (its image, mask and IP-Adapter reference as file names), plus an
 # id and its ControlNet.
 NOT_JOB_FIELDS = ("face_image", "face_embeds", "face_scale")
@@ -42,7 +42,7 @@ JOB_FIELDS = ("id", *(f for f in FIELDS if f not in NOT_JOB_FIELDS), *CONTROL_FI
 FILE_FIELDS = ("image", "mask")
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images", "inpaint_padding"}
 NUMBERS = {"guidance", "strength", "mask_blur", "control_scale", "ip_scale"}
-FLAGS = {"mask_invert", "paste_back"}
+FLAGS = {"mask_invert", "paste_back", "control_guess_mode"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
     k: v
@@ -61,6 +61,7 @@ LATER_FIELDS = {
     "paste_back": True,
     "ip_image": None,
     "ip_scale": 0.5,
+    "control_guess_mode": False,
     **dict.fromkeys(CONTROL_FIELDS),
 }
 # The fields every content key hashes; a later field joins the hash only when it differs from what older jobs
@@ -115,6 +116,7 @@ class ImageSpec:
             inpaint,
             (r.ip_image, r.ip_scale),
             self.control,
+            r.control_guess_mode,
         )
 
     @property
@@ -123,7 +125,7 @@ class ImageSpec:
         units = self.request.controlnets
         if not units:
             return (None,) * len(CONTROL_FIELDS)
-        return (units[0].model, units[0].image, units[0].scale, units[0].preprocess)
+        return (units[0].model, units[0].image, units[0].scale, units[0].preprocess, units[0].control_mode)
 
     @property
     def params(self) -> dict:
@@ -346,7 +348,9 @@ def _with_control(values: Mapping) -> dict:
     control = {k: values.pop(k, None) for k in CONTROL_FIELDS}
     if control["controlnet"] is None:
         if any(v is not None for v in control.values()):
-            raise KolorsError("control_image, control_scale and control_preprocess need a controlnet")
+            raise KolorsError(
+                "control_image, control_scale, control_preprocess and control_mode need a controlnet"
+            )
         return values
     if control["control_image"] is None:
         raise KolorsError("controlnet needs a control_image (an image file)")
@@ -355,6 +359,7 @@ def _with_control(values: Mapping) -> dict:
         control["control_image"],
         0.7 if control["control_scale"] is None else control["control_scale"],
         control["control_preprocess"] or "none",
+        control_mode=control["control_mode"] or "balanced",
     )
     return {**values, "controlnets": (unit,)}
 
