@@ -187,8 +187,11 @@ def memory_main(args) -> None:
         result["seconds"] = time.perf_counter() - start
         Path(args.child_output).write_text(json.dumps(result))
         return
-    write_fake_controlnets(model, Path(args.cn_dir), 2)  # before any child, so none measures the writing
-    sides = [f"{side}:{n}" for n in (1, 2) for side in MEMORY_SIDES]
+    counts = [int(n) for n in args.controlnets.split(",")]
+    write_fake_controlnets(
+        model, Path(args.cn_dir), max(counts)
+    )  # before any child, so none measures writing
+    sides = [f"{side}:{n}" for n in counts for side in args.sides.split(",")]
     argv = [a for a in (sys.argv[1:] if args.argv is None else args.argv)]
     with tempfile.TemporaryDirectory() as tmp:
         runs = alternate_children(__file__, argv, sides, 0, 1, Path(tmp), may_die=sides)
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--size", type=int, default=256, help="--memory: image height and width")
     parser.add_argument("--steps", type=int, default=1, help="--memory: denoising steps")
+    parser.add_argument("--controlnets", default="1,2", help="--memory: how many ControlNets, e.g. 1,2")
+    parser.add_argument("--sides", default=",".join(MEMORY_SIDES), help="--memory: e.g. kolors-low,diffusers")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: one --memory run, in a child process
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     parser.add_argument("--config", default=str(REFERENCE / "unet" / "config.json"), help="UNet config.json")
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         f"dtype {args.dtype}, latent {args.latent}, threads {torch.get_num_threads()}, prepare_context {prepare_s:.3f} s"
     )
     for k in fns:
-        print(f"  {k:<13} median {med[k]:.3f} s   CPU {cpu_med[k]:.3f} s")
+        runs = ", ".join(f"{c:.1f}" for c in cpu[k][args.warmup :])
+        print(f"  {k:<13} median {med[k]:.3f} s   CPU {cpu_med[k]:.3f} s (runs: {runs})")
     ratio = med["diffusers+cn"] / med["kolors+cn"]
     cpu_ratio = cpu_med["diffusers+cn"] / cpu_med["kolors+cn"]
     print(f"diffusers+cn / kolors+cn: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU (goal >= {GOAL}x)")

@@ -157,8 +157,9 @@ class ImageSpec:
 
     def row(self, model: str | None = None) -> dict:
         row = {"file": self.file, "id": self.id, "keyed_by": self.keyed_by, "line": self.line}
-        # ControlNet fields only when the job has one: rows of other jobs stay as they were.
-        params = {k: v for k, v in self.params.items() if k not in CONTROL_FIELDS or v is not None}
+        # ControlNet fields only when the job has one, guess mode only when on: other jobs' rows stay as they were.
+        absent = {**dict.fromkeys(CONTROL_FIELDS), "control_guess_mode": False}
+        params = {k: v for k, v in self.params.items() if k not in absent or v != absent[k]}
         row = {**row, "index": self.index, **params}
         return row if model is None else {**row, "model": model}
 
