@@ -203,6 +203,20 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--control-start", action="append", type=float, default=[], help="fraction of the steps")
     g.add_argument("--control-end", action="append", type=float, default=[], help="fraction of the steps")
+    g.add_argument(
+        "--control-mode",
+        action="append",
+        default=[],
+        choices=["balanced", "prompt", "control"],
+        help="sd-webui-controlnet's: balanced (default), prompt (My prompt is more important), control "
+        "(ControlNet is more important)",
+    )
+    g.add_argument(
+        "--control-guess-mode",
+        action="store_true",
+        help="diffusers' guess mode for every ControlNet: the conditional half alone, weights rising over the "
+        "skips (with balanced units)",
+    )
 
 
 def control_units(args: argparse.Namespace) -> tuple:
@@ -216,7 +230,10 @@ def control_units(args: argparse.Namespace) -> tuple:
             f"{len(images)} --control-image for {len(nets)} --controlnet; give one control image per ControlNet"
         )
     per_unit = {}
-    for option, default in (("scale", 0.7), ("preprocess", "none"), ("start", 0.0), ("end", 1.0)):
+    if args.control_guess_mode and not nets:
+        raise KolorsError("--control-guess-mode was given without --controlnet")
+    options = (("scale", 0.7), ("preprocess", "none"), ("start", 0.0), ("end", 1.0), ("mode", "balanced"))
+    for option, default in options:
         values = getattr(args, f"control_{option}")
         if values and not nets:
             raise KolorsError(f"--control-{option} was given without --controlnet")
@@ -233,6 +250,7 @@ def control_units(args: argparse.Namespace) -> tuple:
             preprocess=per_unit["preprocess"][k],
             start=per_unit["start"][k],
             end=per_unit["end"][k],
+            control_mode=per_unit["mode"][k],
         )
         for k, (net, image) in enumerate(zip(nets, images, strict=True))
     )
@@ -660,6 +678,7 @@ def generate(args: argparse.Namespace) -> int:
         inpaint_padding=args.inpaint_padding,
         paste_back=args.paste_back,
         controlnets=control_units(args),
+        control_guess_mode=args.control_guess_mode,
         ip_image=ip_image,
         ip_scale=args.ip_scale,
         face_image=face_image,

@@ -105,6 +105,7 @@ class _ControlUnit:
     scale: float
     start: float
     end: float
+    mode: str = "balanced"  # a key of kolors.request.CONTROL_MODES, or "guess" (diffusers' guess mode)
 
 
 class StopSampling(Exception):
@@ -463,9 +464,11 @@ class KolorsPipeline:
         n: int,
         cfg: bool,
         guess_mode: bool,
+        control_mode="balanced",
     ) -> list[_ControlUnit]:
         """Each ControlNet of the call with its control image rows on the device ((batch, 3, H, W) in [0, 1],
-        both guidance halves unless guess_mode), its scale and window, as diffusers' prepare_image makes them."""
+        both guidance halves unless its mode acts on the conditional half alone), its scale, window and mode, as
+        diffusers' prepare_image makes them."""
         if control_image is None:
             if controlnet is not None:
                 raise KolorsError(
@@ -498,8 +501,16 @@ class KolorsPipeline:
         scales = control.per_unit(scale, k, "controlnet_conditioning_scale")
         starts = control.per_unit(start, k, "control_guidance_start")
         ends = control.per_unit(end, k, "control_guidance_end")
+        modes = control.per_unit(control_mode, k, "control_mode")
+        if guess_mode and any(m != "balanced" for m in modes):
+            raise KolorsError(
+                "guess_mode and control_mode are two weightings (diffusers' and sd-webui-controlnet's); use one"
+            )
+        for mode in modes:
+            control.residual_scales(mode, 1.0, 1)  # an unknown mode, before any image is read
+        modes = ["guess"] * k if guess_mode else modes
         units = []
-        for name, image, s, a, b in zip(names, images, scales, starts, ends, strict=True):
+        for name, image, s, a, b, mode in zip(names, images, scales, starts, ends, modes, strict=True):
             try:
                 check_control(s, a, b)
             except KolorsError as e:
@@ -512,8 +523,8 @@ class KolorsPipeline:
                 )
             rows = rows.repeat_interleave(prompts * n if rows.shape[0] == 1 else n, dim=0)
             rows = rows.to(self.device, self.dtype)
-            rows = torch.cat([rows, rows]) if cfg and not guess_mode else rows
-            units.append(_ControlUnit(self.controlnets[name], rows, float(s), float(a), float(b)))
+            rows = torch.cat([rows, rows]) if cfg and mode not in control.COND_ONLY_MODES else rows
+            units.append(_ControlUnit(self.controlnets[name], rows, float(s), float(a), float(b), mode))
         return units
 
     # ------------------------------------------------------------------------------------------------ image prompts
@@ -877,6 +888,7 @@ class KolorsPipeline:
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
+        control_mode: str | Sequence[str] = "balanced",
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         face_image=None,
@@ -905,6 +917,10 @@ class KolorsPipeline:
         diffusers; `guess_mode` runs the ControlNets on the conditional half alone with scales rising from 0.1 to
         1 over the skips. A step i of n uses a ControlNet unless i / n < start or (i + 1) / n > end, i being the
         step whose sigma the sampler evaluates (for heun, the window is by that step, both evaluations alike).
+        `control_mode` (one, or one per ControlNet) is sd-webui-controlnet's: "balanced" (the scale on every
+        residual), "prompt" (its "My prompt is more important": the scale times 0.825 ** 12 at the first skip
+        up to 0.825 ** 3 at the mid output) or "control" ("ControlNet is more important": those weights on the
+        conditional half alone); not with guess_mode, which is diffusers' own weighting.
 
         `ip_adapter_image`: the reference image for the loaded IP-Adapter (several for it as [[a, b]], as
         diffusers), or `ip_adapter_image_embeds` from encode_image. `face_image` (and optionally `face_embeds`, the
@@ -918,7 +934,7 @@ class KolorsPipeline:
                 eta, generator, seed, num_images_per_prompt, image, strength, output_type, prompt_embeds, callback,
                 mask_image, padding_mask_crop, mask_blur, masked_content, paste_back,
                 (control_image, controlnet, controlnet_conditioning_scale, control_guidance_start,
-                 control_guidance_end, guess_mode),
+                 control_guidance_end, guess_mode, control_mode),
                 image_prompts=(ip_adapter_image, ip_adapter_image_embeds, face_image, face_embeds),
             )  # fmt: skip
 
@@ -946,7 +962,7 @@ class KolorsPipeline:
         mask_blur=0,
         masked_content="original",
         paste_back=False,
-        control_args=(None, None, 0.8, 0.0, 1.0, False),
+        control_args=(None, None, 0.8, 0.0, 1.0, False, "balanced"),
         image_prompts=(None, None, None, None),
     ) -> KolorsPipelineOutput:
         cfg = guidance_scale > 1.0
@@ -1027,7 +1043,14 @@ class KolorsPipeline:
             init = self._load_image(image, height, width)
             height, width = init.shape[-2:]
         units = self._prepare_control(
-            *control_args[:5], height, width, prompt_embeds.batch_size, num_images_per_prompt, cfg, guess_mode
+            *control_args[:5],
+            height,
+            width,
+            prompt_embeds.batch_size,
+            num_images_per_prompt,
+            cfg,
+            guess_mode,
+            control_args[6],
         )
         if units:  # diffusers' ControlNet pipelines condition on the output size, image-to-image too
             size_ids = (height, width)
@@ -1086,8 +1109,7 @@ class KolorsPipeline:
                     size_ids,
                     extra_channels,
                     units,
-                    guess_mode,
-                    image_prompts,
+                    image_prompts=image_prompts,
                 )
                 if steps:
                     noise = self._step_noise(generator, plan.sampler)
@@ -1125,7 +1147,6 @@ class KolorsPipeline:
         size: tuple[int, int],
         extra_channels: torch.Tensor | None = None,
         units: Sequence[_ControlUnit] = (),
-        guess_mode: bool = False,
         image_prompts=(),
     ):
         """The epsilon UNet as a denoiser x0(x, sigma) with classifier-free guidance: cond and uncond in one
@@ -1135,8 +1156,9 @@ class KolorsPipeline:
         sigma is also the first one's, the next occurrence).
 
         Each ControlNet runs before the UNet at the steps its window keeps, on the same rows (the conditional
-        ones alone in guess mode, the others getting no residual), and the UNet adds the residuals' sum; at the
-        other steps it does not run at all (diffusers runs it with scale 0, which adds exact zeros)."""
+        ones alone in guess mode and A1111's "ControlNet is more important", the others getting no residual), and
+        the UNet adds the residuals' sum; at the other steps it does not run at all (diffusers runs it with scale
+        0, which adds exact zeros)."""
         cfg = guidance_scale > 1.0
 
         def rows(cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
@@ -1154,10 +1176,13 @@ class KolorsPipeline:
         # Cross-attention keys and values depend on the text alone: computed here once, pads merged.
         states = context
         context = self.unet.prepare_context(states, pads=pads)
-        # In guess mode with guidance the ControlNets see the conditional rows alone (the second half).
-        half = pooled.shape[0] // 2 if guess_mode and cfg else 0
-        control_pads = pads[half:] if pads is not None else None
-        control_contexts = [u.model.prepare_context(states[half:], pads=control_pads) for u in units]
+        # With guidance, a ControlNet in a conditional-only mode sees the conditional rows alone (the second half).
+        rows_from = [pooled.shape[0] // 2 if cfg and u.mode in control.COND_ONLY_MODES else 0 for u in units]
+        control_contexts = [
+            u.model.prepare_context(states[h:], pads=pads[h:] if pads is not None else None)
+            for u, h in zip(units, rows_from, strict=True)
+        ]
+        hints = [u.model.prepare_hint(u.image) for u in units]  # the control images embedded, once too
         steps = len(timesteps)
         keeps = [control.keep_window(u.start, u.end, steps) for u in units]
         if image_prompts:  # the image prompts' keys and values beside the text's, once too
@@ -1181,25 +1206,26 @@ class KolorsPipeline:
             unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels], dim=1)
             t = t_device[i].expand(x_in.shape[0])
             down, mid = None, None
-            for unit, unit_context, keep in zip(units, control_contexts, keeps, strict=True):
+            for unit, unit_context, hint, keep, h in zip(
+                units, control_contexts, hints, keeps, rows_from, strict=True
+            ):
                 scale = unit.scale * keep[i]
                 if scale == 0.0:
                     continue
+                guess = unit.mode == "guess"
+                residuals = len(unit.model.controlnet_down_blocks) + 1
+                scales = scale if guess else control.residual_scales(unit.mode, scale, residuals)
                 d, m = unit.model(
-                    x_in[half:],
-                    t[half:],
-                    unit_context,
-                    pooled[half:],
-                    time_ids[half:],
-                    unit.image,
-                    scale,
-                    guess_mode,
+                    x_in[h:], t[h:], unit_context, pooled[h:], time_ids[h:], hint, scales, guess
                 )
-                down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
-                mid = m if mid is None else mid + m
-            if down is not None and half:  # the unconditional rows get nothing (diffusers adds zeros)
-                down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-                mid = torch.cat([torch.zeros_like(mid), mid])
+                if h:  # the unconditional rows get nothing (diffusers adds zeros, A1111 multiplies by zero)
+                    d, m = (
+                        [torch.cat([torch.zeros_like(r), r]) for r in d],
+                        torch.cat([torch.zeros_like(m), m]),
+                    )
+                # Each ControlNet's residuals are its own fresh tensors: the first one's hold the sum.
+                down = d if down is None else [a.add_(b) for a, b in zip(down, d, strict=True)]
+                mid = m if mid is None else mid.add_(m)
             eps = self.unet(unet_in, t, context, pooled, time_ids, down, mid).float()
             if cfg:
                 uncond, cond = eps.chunk(2)
@@ -1492,6 +1518,8 @@ def control_call(pipe: KolorsPipeline, request: GenerationRequest) -> dict:
         controlnet_conditioning_scale=[u.scale for u in request.controlnets],
         control_guidance_start=[u.start for u in request.controlnets],
         control_guidance_end=[u.end for u in request.controlnets],
+        control_mode=[u.control_mode for u in request.controlnets],
+        guess_mode=request.control_guess_mode,
     )
 
 

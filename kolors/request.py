@@ -58,6 +58,12 @@ DEFAULT_LIMITS = Limits(max_width=2048, max_height=2048, max_steps=150, max_imag
 
 # Control image preprocessors (kolors.adapters.preprocess implements them), here so that the faces can list them.
 PREPROCESSORS = ("none", "canny", "depth", "openpose", "dwpose")
+# sd-webui-controlnet's control modes, by its names: how a ControlNet's residuals are weighted, and on which rows.
+CONTROL_MODES = {
+    "balanced": "Balanced",  # the weight on every residual, both guidance halves (diffusers' default)
+    "prompt": "My prompt is more important",  # weights decaying towards the first skips, both halves
+    "control": "ControlNet is more important",  # the same weights, the conditional half alone
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     options: tuple[tuple[str, float], ...] = ()  # the preprocessor's options, e.g. (("low_threshold", 50),)
+    control_mode: str = "balanced"  # a key of CONTROL_MODES
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,9 @@ class GenerationRequest:
     face_scale: float = 0.8
     # (kind, adapter name) of each image prompt, filled in by the pipeline: the image's parameters name them
     image_adapters: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    # diffusers' guess mode for every ControlNet: the conditional half alone, weights rising 0.1 to 1 over the
+    # skips (each unit's control_mode is sd-webui-controlnet's weighting instead; the two do not combine)
+    control_guess_mode: bool = False
 
     def validate(self, limits: Limits | None = None) -> GenerationRequest:
         """The one validation, before any model is loaded; returns the request itself."""
@@ -132,6 +142,7 @@ class GenerationRequest:
         check_loras(self.loras)
         check_inpaint(self)
         check_controlnets(self.controlnets)
+        check_guess_mode(self)
         check_image_prompts(self)
         return self
 
@@ -173,6 +184,8 @@ class GenerationRequest:
             )
         for i, unit in enumerate(self.controlnets):  # as sd-webui-controlnet records its units
             fields.append(f'ControlNet {i}: "{control_infotext(unit)}"')
+        if self.controlnets and self.control_guess_mode:  # not a unit field: A1111 would refuse the unit
+            fields.append("Guess Mode: True")
         names = dict(self.image_adapters)
         for kind, label, image, scale in (
             ("ip", "IP-Adapter", self.ip_image, self.ip_scale),
@@ -274,7 +287,7 @@ def control_infotext(unit: ControlUnit) -> str:
             *thresholds,
             f"Guidance Start: {unit.start}",
             f"Guidance End: {unit.end}",
-            "Control Mode: Balanced",
+            f"Control Mode: {CONTROL_MODES.get(unit.control_mode, unit.control_mode)}",
         ]
     )
 
@@ -303,6 +316,27 @@ def check_controlnets(units) -> None:
                 f"unknown preprocessor {unit.preprocess!r} for ControlNet {i}; choose one of: {', '.join(PREPROCESSORS)}",
             )
         check_control(unit.scale, unit.start, unit.end)
+        if unit.control_mode not in CONTROL_MODES:
+            raise InvalidRequest(
+                "controlnets",
+                f"unknown control mode {unit.control_mode!r} for ControlNet {i}; choose one of: "
+                f"{', '.join(CONTROL_MODES)}",
+            )
+
+
+def check_guess_mode(request: GenerationRequest) -> None:
+    if not isinstance(request.control_guess_mode, bool):
+        raise InvalidRequest(
+            "control_guess_mode",
+            f"control_guess_mode must be true or false, not {request.control_guess_mode!r}",
+        )
+    modes = {u.control_mode for u in request.controlnets} - {"balanced"}
+    if request.control_guess_mode and modes:
+        raise InvalidRequest(
+            "control_guess_mode",
+            f"guess mode is diffusers' weighting and control mode {sorted(modes)[0]!r} sd-webui-controlnet's; "
+            "use one: guess mode with Balanced units, or a control mode without guess mode",
+        )
 
 
 def check_loras(loras) -> None:

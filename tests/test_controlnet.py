@@ -167,6 +167,10 @@ def test_model_matches_diffusers(reference_controlnets, controlnet_dirs):
             for a, b in zip([*down, mid], [*ref_down, ref_mid], strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             assert ref_mid.abs().max() > 0.1
+            # The control image embedded once (prepare_hint, as the pipeline does): the same residuals.
+            hinted = model(x, t, states, pooled, ids, model.prepare_hint(cond), 0.7, guess_mode=guess)
+            for a, b in zip([*hinted[0], hinted[1]], [*down, mid], strict=True):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ whole images
@@ -218,6 +222,64 @@ def test_text_to_image_matches_diffusers(pipe, reference_pipeline, reference_con
             **SIZE, num_inference_steps=4, generator=gen(7), output_type="np",
         ).images  # fmt: skip
         assert np.abs(plain - theirs).max() > 0.05
+
+
+def a1111_weighting(monkeypatch, controlnet, mode: str) -> None:
+    """The reference ControlNet weighted as sd-webui-controlnet's hook.py does in its control modes, written
+    from that code: it runs on both guidance halves, each output i (the skips', then the mid's) is scaled by
+    weight * 0.825 ** (12 - i) ("soft injection"), and in "ControlNet is more important" (cfg_injection) the
+    unconditional rows are multiplied by 0 (cond_mark; diffusers puts them first)."""
+    forward = controlnet.forward
+
+    def weighted(*args, conditioning_scale=1.0, **kwargs):
+        down, mid = forward(*args, conditioning_scale=1.0, **kwargs)
+        outs = [*down, mid]
+        outs = [o * (conditioning_scale * 0.825 ** float(12 - i)) for i, o in enumerate(outs)]
+        if mode == "control":
+            cond_mark = torch.ones(outs[0].shape[0], 1, 1, 1)
+            cond_mark[: outs[0].shape[0] // 2] = 0
+            outs = [o * cond_mark for o in outs]
+        return tuple(outs[:-1]), outs[-1]
+
+    monkeypatch.setattr(controlnet, "forward", weighted)
+
+
+A1111_CASES = {
+    "prompt": dict(nets=[0], modes=["prompt"]),
+    "control": dict(nets=[0], modes=["control"]),
+    "control-window": dict(nets=[0], modes=["control"], end=0.5),
+    "two-mixed": dict(nets=[0, 1], modes=["balanced", "control"]),
+}
+
+
+@pytest.mark.parametrize("case", A1111_CASES)
+def test_a1111_control_modes(pipe, reference_pipeline, reference_controlnets, embeds, monkeypatch, case):
+    """control_mode="prompt" / "control": sd-webui-controlnet's "My prompt is more important" and "ControlNet is
+    more important", against diffusers' pipeline with its ControlNets weighted as that extension's hook."""
+    c = A1111_CASES[case]
+    nets = [reference_controlnets[i] for i in c["nets"]]
+    for net, mode in zip(nets, c["modes"], strict=True):
+        if mode != "balanced":
+            a1111_weighting(monkeypatch, net, mode)
+    images = [control_image(seed=i) for i in c["nets"]]
+    one = len(nets) == 1
+    kwargs = dict(**SIZE, controlnet_conditioning_scale=0.9, control_guidance_end=c.get("end", 1.0))
+    theirs = reference(reference_pipeline, nets)(
+        **embeds, **kwargs, image=images[0] if one else images, num_inference_steps=4, generator=gen(7),
+        output_type="np",
+    ).images  # fmt: skip
+    names = [["cn-edges", "cn-depth"][i] for i in c["nets"]]
+    ours = pipe(
+        "一只戴着帽子的猫", **kwargs, control_image=images[0] if one else images, controlnet=names[0] if one else names,
+        control_mode=c["modes"][0] if one else c["modes"], num_inference_steps=4, generator=gen(7), output_type="np",
+    ).images  # fmt: skip
+    assert_close(ours, theirs)
+    if case == "prompt":  # the soft weights are not the plain ones
+        plain = pipe(
+            "一只戴着帽子的猫", **kwargs, control_image=images[0], controlnet="cn-edges", num_inference_steps=4,
+            generator=gen(7), output_type="np",
+        ).images  # fmt: skip
+        assert np.abs(plain - ours).max() > 1e-3
 
 
 def test_sampler_dpmpp_2m_matches_diffusers(pipe, reference_pipeline, reference_controlnets, embeds):
@@ -317,6 +379,11 @@ def test_not_found(pipe, tmp_path):
         ),
         (dict(control_image=control_image()), r"1 control image\(s\) for 2 ControlNets"),
         (dict(control_image=Path("/nonexistent.png"), controlnet="cn-edges"), "image file not found"),
+        (
+            dict(controlnet="cn-edges", control_mode="strong"),
+            "unknown control mode 'strong'; choose one of: bal",
+        ),
+        (dict(controlnet="cn-edges", control_mode="control", guess_mode=True), "guess_mode and control_mode"),
     ],
 )
 def test_bad_input(pipe, kwargs, message):

@@ -60,6 +60,38 @@ def test_request_units_reach_the_pipeline_and_the_parameters(pipe):
     assert request.as_dict()["controlnets"][0]["model"] == "edges"
 
 
+def test_request_control_modes_and_guess_mode(pipe):
+    """A unit's control mode and the request's guess mode reach the pipeline and the parameters: the unit's
+    as sd-webui-controlnet writes it, guess mode (which it has not) as a field of its own after the units."""
+    unit = ControlUnit("edges", photo(), scale=0.7, control_mode="control")
+    request = GenerationRequest(prompt="a cat", controlnets=(unit,), **SMALL)
+    ((image, seed),) = pipe.generate(request)
+    call = dict(height=64, width=64, num_inference_steps=2, seed=3, control_image=photo(), controlnet="edges")
+    same = pipe("a cat", **call, controlnet_conditioning_scale=0.7, control_mode="control").images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(same))
+    assert request.infotext(seed, "Kolors").endswith('Control Mode: ControlNet is more important"')
+    unit = ControlUnit("edges", photo(), scale=0.7)
+    request = GenerationRequest(prompt="a cat", controlnets=(unit,), control_guess_mode=True, **SMALL)
+    ((image, seed),) = pipe.generate(request)
+    same = pipe("a cat", **call, controlnet_conditioning_scale=0.7, guess_mode=True).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(same))
+    assert request.infotext(seed, "Kolors").endswith('Control Mode: Balanced", Guess Mode: True')
+    assert read_parameters_of(request, seed)["Guess Mode"] == "True"
+    with pytest.raises(InvalidRequest, match="use one") as e:
+        GenerationRequest(
+            prompt="x",
+            controlnets=(ControlUnit("edges", photo(), control_mode="prompt"),),
+            control_guess_mode=True,
+        ).validate()
+    assert e.value.field == "control_guess_mode"
+
+
+def read_parameters_of(request, seed) -> dict:
+    """The fields after the prompts of a request's parameters, as a dict (values unquoted)."""
+    fields = request.infotext(seed, "Kolors").splitlines()[-1]
+    return {k: v.strip('"') for k, v in (f.split(": ", 1) for f in fields.split(", ") if ": " in f)}
+
+
 def pipe_canny(image):
     import kolors
 
@@ -74,6 +106,10 @@ def pipe_canny(image):
         (ControlUnit("", photo()), "names no model"),
         (ControlUnit("edges", photo(), start=0.9, end=0.5), "start 0.9 must be below its end 0.5"),
         (ControlUnit("edges", photo(), scale=float("inf")), "scale must be a finite number"),
+        (
+            ControlUnit("edges", photo(), control_mode="strict"),
+            "unknown control mode 'strict' for ControlNet 0; choose one of: balanced",
+        ),
     ],
 )
 def test_request_validation(unit, message):
@@ -113,6 +149,17 @@ def test_cli_controlnet(tiny_model_dir, controlnet_dir, tmp_path, capsys):
         [*base, "--controlnet", str(tmp_path), "--control-image", str(tmp_path / "photo.png")], capsys
     )
     assert code == 2 and "config file not found" in err
+    unit = ["--controlnet", str(controlnet_dir), "--control-image", str(tmp_path / "photo.png")]
+    code, _, err = cli([*base, *unit, "--control-mode", "prompt"], capsys)
+    assert code == 0, err
+    assert "Control Mode: My prompt is more important" in read_parameters(out)
+    code, _, err = cli([*base, *unit, "--control-guess-mode"], capsys)
+    assert code == 0, err
+    assert read_parameters(out).endswith('Control Mode: Balanced", Guess Mode: True')
+    code, _, err = cli([*base, *unit, "--control-guess-mode", "--control-mode", "control"], capsys)
+    assert code == 2 and "guess mode is diffusers' weighting" in err and err.count("\n") == 1
+    code, _, err = cli([*base, "--control-guess-mode"], capsys)
+    assert code == 2 and "--control-guess-mode was given without --controlnet" in err
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -172,7 +219,7 @@ def test_a1111_controlnet_units(client, pipe):
         ),
         (dict(module="scribble_hed"), "args[0].module", "unknown preprocessor 'scribble_hed'"),
         (dict(image="not base64!"), "args[0].image", ""),
-        (dict(control_mode=2), "args[0].control_mode", "only Balanced"),
+        (dict(control_mode=3), "args[0].control_mode", "unknown control mode 3"),
         (dict(resize_mode="Stretch"), "args[0].resize_mode", "unknown resize mode"),
         (dict(weight="heavy"), "args[0].weight", ""),
         (
@@ -191,6 +238,26 @@ def test_a1111_bad_units_name_the_field(client, fields, field, message):
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert field in detail.split(":")[0] and message in detail, detail
+
+
+@pytest.mark.parametrize(
+    "mode, key",
+    [(2, "control"), ("My prompt is more important", "prompt"), ("controlnet is more important", "control")],
+)
+def test_a1111_control_modes(client, pipe, mode, key):
+    """sd-webui-controlnet's control_mode, by number or name, is its weighting (control_mode= of the pipeline)."""
+    body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    unit = a1111_unit(control_mode=mode, module="none")
+    r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["images"][0])
+    name = {"prompt": "My prompt is more important", "control": "ControlNet is more important"}[key]
+    assert f'Control Mode: {name}"' in image.text["parameters"]
+    ours = pipe(
+        "a cat", height=64, width=64, num_inference_steps=2, seed=3, control_image=photo(96, 96).resize((64, 64), Image.LANCZOS),
+        controlnet="edges", controlnet_conditioning_scale=0.7, control_guidance_end=0.9, control_mode=key,
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ours))
 
 
 def test_a1111_other_extensions_are_still_refused(client):
@@ -247,6 +314,25 @@ def test_openai_controlnet_field(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "controlnet[0].model", r.text
     r = client.post("/v1/images/generations", json={**body, "controlnet": [{**unit, "preprocess": "hed"}]})
     assert r.status_code == 400 and "unknown preprocessor 'hed'" in r.json()["error"]["message"], r.text
+    r = client.post(
+        "/v1/images/generations",
+        json={**body, "controlnet": [{**unit, "control_mode": "prompt"}], "response_format": "b64_json"},
+    )
+    assert r.status_code == 200, r.text
+    assert (
+        "Control Mode: My prompt is more important"
+        in decode_png(r.json()["data"][0]["b64_json"]).text["parameters"]
+    )
+    r = client.post("/v1/images/generations", json={**body, "controlnet": [unit], "control_guess_mode": True})
+    assert r.status_code == 200, r.text
+    assert "Guess Mode: True" in decode_png(r.json()["data"][0]["b64_json"]).text["parameters"]
+    r = client.post(
+        "/v1/images/generations",
+        json={**body, "controlnet": [{**unit, "control_mode": "control"}], "control_guess_mode": True},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "control_guess_mode", r.text
+    r = client.post("/v1/images/generations", json={**body, "controlnet": [{**unit, "control_mode": "soft"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "controlnet[0].control_mode", r.text
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -265,6 +351,10 @@ def test_batch_jobs_with_a_controlnet(pipe, controlnet_dir, tmp_path):
         {"prompt": "a cat", "id": "plain"},
         {"prompt": "a cat", "control_image": str(tmp_path / "photo.png")},
         {"prompt": "a cat", "controlnet": "edges", "control_image": str(tmp_path / "photo.png"), "control_scale": "x"},
+        {"prompt": "a cat", "id": "guess", "seed": 3, "controlnet": "edges", "control_image": str(tmp_path / "photo.png"),
+         "control_guess_mode": "true"},
+        {"prompt": "a cat", "id": "soft", "seed": 3, "controlnet": "edges", "control_image": str(tmp_path / "photo.png"),
+         "control_mode": "prompt"},
     ]  # fmt: skip
     jobs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "out"
@@ -283,7 +373,16 @@ def test_batch_jobs_with_a_controlnet(pipe, controlnet_dir, tmp_path):
     rows = {r["file"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert rows["cn-0.png"]["controlnet"] == "edges" and "controlnet" not in rows["plain-0.png"]
     again = run(jobs, out, pipe=pipe, defaults=dict(steps=2, width=64, height=64), progress=False)
-    assert again.done == 0 and again.skipped == 2  # resumed: nothing made twice
+    assert again.done == 0 and again.skipped == 4  # resumed: nothing made twice
+    call = dict(height=64, width=64, num_inference_steps=2, seed=3, control_image=photo(), controlnet="edges")
+    for job, kwargs in (("guess", dict(guess_mode=True)), ("soft", dict(control_mode="prompt"))):
+        same = pipe("a cat", **call, controlnet_conditioning_scale=0.7, **kwargs).images[0]
+        made = Image.open(out / f"{job}-0.png")
+        assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(same)), job
+    assert "Guess Mode: True" in Image.open(out / "guess-0.png").text["parameters"]
+    assert (
+        rows["soft-0.png"]["control_mode"] == "prompt" and rows["guess-0.png"]["control_guess_mode"] is True
+    )
 
 
 def test_a1111_body_as_webuiapi_sends_it(client):

@@ -43,6 +43,7 @@ def test_control_image_slot(browser, server, tmp_path):  # noqa: F811
     Image.fromarray(photo).save(tmp_path / "photo.png")
     page.set_input_files("#control-image", tmp_path / "photo.png")
     page.select_option("#control-module", "canny")
+    page.select_option("#control-mode", "My prompt is more important")
     # The preview is the server's canny map: white edges on black.
     page.wait_for_function("document.querySelector('#control-preview').src.includes('base64,iVBOR')")
     page.fill("#prompt", "a cat")
@@ -53,5 +54,6 @@ def test_control_image_slot(browser, server, tmp_path):  # noqa: F811
     assert page.is_hidden("#error"), page.inner_text("#error")
     with Image.open(download_newest(page, tmp_path)) as im:
         assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 0.7' in im.text["parameters"]
+        assert 'Control Mode: My prompt is more important"' in im.text["parameters"]
     assert not page.errors, page.errors
     page.close()

@@ -22,8 +22,17 @@ from kolors.errors import KolorsError
 from kolors.models.controlnet import ControlNetConfig, ControlNetModel
 from kolors.models.layers import packer
 from kolors.models.unet import UNetConfig
+from kolors.request import CONTROL_MODES
 from kolors.weights import build_on_meta, load_weights, weight_files
 
+# sd-webui-controlnet's "soft injection" ("My prompt is more important", "ControlNet is more important"): residual
+# i of an SD 1.5 ControlNet's 13 (the mid last) is weighted 0.825 ** (12 - i); SDXL's 10 take the first 10 of those,
+# so its first skip gets 0.825 ** 12 = 0.10 and its mid output 0.825 ** 3 = 0.56 of the weight (its hook.py).
+SOFT_DECAY = 0.825
+SOFT_RESIDUALS = 13
+# The modes whose ControlNet acts on the conditional half alone (the other half gets no residual): A1111's
+# "ControlNet is more important" (its cfg_injection) and diffusers' guess mode.
+COND_ONLY_MODES = ("control", "guess")
 KOLORS_CONTROLNETS = (
     "Kwai-Kolors/Kolors-ControlNet-Canny",
     "Kwai-Kolors/Kolors-ControlNet-Depth",
@@ -144,3 +153,13 @@ def keep_window(start: float, end: float, steps: int) -> list[float]:
     """1.0 at the steps where a ControlNet acts, else 0.0: diffusers' `controlnet_keep`, by step index i of
     `steps` (it acts unless i / steps < start or (i + 1) / steps > end)."""
     return [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+
+def residual_scales(mode: str, scale: float, residuals: int) -> float | list[float]:
+    """The weight of each of a ControlNet's `residuals` (the skips', then the mid output's) in control mode `mode`
+    (CONTROL_MODES): `scale` for all in "balanced", sd-webui-controlnet's decaying soft weights otherwise."""
+    if mode not in CONTROL_MODES:
+        raise KolorsError(f"unknown control mode {mode!r}; choose one of: {', '.join(CONTROL_MODES)}")
+    if mode == "balanced":
+        return scale
+    return [scale * SOFT_DECAY ** float(SOFT_RESIDUALS - 1 - i) for i in range(residuals)]

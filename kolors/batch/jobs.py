@@ -34,8 +34,8 @@ from kolors.errors import KolorsError
 from kolors.pipeline import load_image
 from kolors.request import DEFAULT_LIMITS, FIELDS, ControlUnit, GenerationRequest, Limits, check_size
 
-# A job's ControlNet: a ControlNet folder or repo, its control image file, weight and preprocessor.
-CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess")
+# A job's ControlNet: a ControlNet folder or repo, its control image file, weight, preprocessor and control mode.
+CONTROL_FIELDS = ("controlnet", "control_image", "control_scale", "control_preprocess", "control_mode")
 # A job's fields: the request's but a face embedding (its image, mask and image prompts as file names), plus an
 # id and its ControlNet.
 NOT_JOB_FIELDS = ("face_embeds",)
@@ -45,7 +45,7 @@ PROMPT_FILE_FIELDS = ("ip_image", "face_image")  # read by the pipeline from the
 FACE_FIELDS = ("face_image", "face_scale")  # in manifest rows only when the job has a face, as ControlNet's
 WHOLE_NUMBERS = {"seed", "steps", "width", "height", "num_images", "inpaint_padding"}
 NUMBERS = {"guidance", "strength", "mask_blur", "control_scale", "ip_scale", "face_scale"}
-FLAGS = {"mask_invert", "paste_back"}
+FLAGS = {"mask_invert", "paste_back", "control_guess_mode"}
 # What a job may leave out: GenerationRequest's defaults, which the CLI replaces by its own options.
 DEFAULTS = {
     k: v
@@ -66,6 +66,7 @@ LATER_FIELDS = {
     "ip_scale": 0.5,
     "face_image": None,
     "face_scale": 0.8,
+    "control_guess_mode": False,
     **dict.fromkeys(CONTROL_FIELDS),
 }
 # The fields every content key hashes; a later field joins the hash only when it differs from what older jobs
@@ -121,6 +122,7 @@ class ImageSpec:
             (r.ip_image, r.ip_scale),
             (r.face_image, r.face_scale),
             self.control,
+            r.control_guess_mode,
         )
 
     @property
@@ -129,7 +131,7 @@ class ImageSpec:
         units = self.request.controlnets
         if not units:
             return (None,) * len(CONTROL_FIELDS)
-        return (units[0].model, units[0].image, units[0].scale, units[0].preprocess)
+        return (units[0].model, units[0].image, units[0].scale, units[0].preprocess, units[0].control_mode)
 
     @property
     def params(self) -> dict:
@@ -161,8 +163,10 @@ class ImageSpec:
 
     def row(self, model: str | None = None) -> dict:
         row = {"file": self.file, "id": self.id, "keyed_by": self.keyed_by, "line": self.line}
-        # ControlNet fields only when the job has one: rows of other jobs stay as they were.
-        params = {k: v for k, v in self.params.items() if k not in CONTROL_FIELDS or v is not None}
+        # ControlNet fields only when the job has one, guess mode only when on, FaceID's only with a face: other
+        # jobs' rows stay as they were.
+        absent = {**dict.fromkeys(CONTROL_FIELDS), "control_guess_mode": False}
+        params = {k: v for k, v in self.params.items() if k not in absent or v != absent[k]}
         if self.request.face_image is None:
             params = {k: v for k, v in params.items() if k not in FACE_FIELDS}
         row = {**row, "index": self.index, **params}
@@ -358,7 +362,9 @@ def _with_control(values: Mapping) -> dict:
     control = {k: values.pop(k, None) for k in CONTROL_FIELDS}
     if control["controlnet"] is None:
         if any(v is not None for v in control.values()):
-            raise KolorsError("control_image, control_scale and control_preprocess need a controlnet")
+            raise KolorsError(
+                "control_image, control_scale, control_preprocess and control_mode need a controlnet"
+            )
         return values
     if control["control_image"] is None:
         raise KolorsError("controlnet needs a control_image (an image file)")
@@ -367,6 +373,7 @@ def _with_control(values: Mapping) -> dict:
         control["control_image"],
         0.7 if control["control_scale"] is None else control["control_scale"],
         control["control_preprocess"] or "none",
+        control_mode=control["control_mode"] or "balanced",
     )
     return {**values, "controlnets": (unit,)}
 

@@ -10,13 +10,17 @@ that the UNet adds to its own skips and mid output (UNet2DConditionModel.forward
 Kolors' ControlNets carry their own `encoder_hid_proj` (4096 -> 2048) and apply it to the text states before
 their cross-attention. diffusers' core ControlNetModel builds that layer but never calls it (the official
 Kolors pipeline patches its forward); here `prepare_context` applies it, and computes every cross-attention's
-keys and values once per generation, as the UNet does.
+keys and values once per generation, as the UNet does. The control image's embedding depends on the image alone
+too, so `prepare_hint` computes it once per generation (diffusers runs those full-resolution convolutions at
+every step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,12 @@ class ControlNetConfig:
             raise ConfigError(f"controlnet config: {e}") from None
 
 
+class ControlHint(NamedTuple):
+    """A control image through `controlnet_cond_embedding` (B, C, H / 8, W / 8), from `prepare_hint`."""
+
+    embedding: Tensor
+
+
 class ControlNetConditioningEmbedding(nn.Module):
     """Control image (B, 3, H, W) -> (B, C, H / 8, W / 8): convolutions with SiLU, three of them stride 2."""
 
@@ -165,6 +175,16 @@ class ControlNetModel(nn.Module):
     prepare_context = UNet2DConditionModel.prepare_context
     embed_time = UNet2DConditionModel.embed_time
 
+    def prepare_hint(self, cond: Tensor) -> ControlHint:
+        """The control image (B, 3, H, W) in [0, 1] embedded to the latent resolution, once per generation: it
+        does not change between steps, and at 512x512 pixels its convolutions cost about a second of CPU."""
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            cond = cond.flip(1)
+        cond = cond.to(self.conv_in.bias.dtype)
+        if fast_cpu(cond):  # channels-last, as the latents it is added to
+            cond = cond.contiguous(memory_format=torch.channels_last)
+        return ControlHint(self.controlnet_cond_embedding(cond))
+
     def forward(
         self,
         sample: Tensor,
@@ -172,35 +192,38 @@ class ControlNetModel(nn.Module):
         encoder_hidden_states: Tensor | ContextCache,
         text_embeds: Tensor,
         time_ids: Tensor,
-        cond: Tensor,
-        scale: float = 1.0,
+        cond: Tensor | ControlHint,
+        scale: float | Sequence[float] = 1.0,
         guess_mode: bool = False,
     ) -> tuple[list[Tensor], Tensor]:
         """Residuals for the UNet's skips (one per skip, conv_in's first) and for its mid output, each times
-        `scale`, for latents `sample` and control image `cond` (B, 3, H, W) in [0, 1]; the other inputs as the
-        UNet's forward takes them. `guess_mode` scales the residuals from 0.1 (first skip) to 1 (mid) times
-        `scale`, log-spaced, as diffusers does."""
+        `scale` (or its own of a list, the mid's last), for latents `sample` and control image `cond` (B, 3, H, W)
+        in [0, 1] or its `prepare_hint`; the other inputs as the UNet's forward takes them. `guess_mode` scales
+        the residuals from 0.1 (first skip) to 1 (mid) times `scale`, log-spaced, as diffusers does."""
         temb = self.embed_time(sample, timestep, text_embeds, time_ids)
         context = encoder_hidden_states
         if not isinstance(context, ContextCache):  # all T keys, diffusers' computation (with the projection)
             context = self.prepare_context(context, merge_pads=False)
-        if self.config.controlnet_conditioning_channel_order == "bgr":
-            cond = cond.flip(1)
-        cond = cond.to(sample.dtype)
+        hint = cond if isinstance(cond, ControlHint) else self.prepare_hint(cond)
         if fast_cpu(sample):  # as the UNet: channels-last activations, and a fused add of two alike
             sample = sample.contiguous(memory_format=torch.channels_last)
-            cond = cond.contiguous(memory_format=torch.channels_last)
-        x = self.conv_in(sample, self.controlnet_cond_embedding(cond))
+        x = self.conv_in(sample, hint.embedding)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips += block_skips
         x = self.mid_block(x, temb, context)
+        # The zero convolutions' outputs are fresh tensors: scaled in place, no second copy of every residual.
         down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)
         if guess_mode:
             scales = (
                 torch.logspace(-1, 0, len(down) + 1, device=sample.device) * scale
             )  # float32, as diffusers
-            return [d * s for d, s in zip(down, scales, strict=False)], mid * scales[-1]
-        return [d * scale for d in down], mid * scale
+            return [d.mul_(s) for d, s in zip(down, scales, strict=False)], mid.mul_(scales[-1])
+        if not isinstance(scale, (int, float)):
+            *down_scales, mid_scale = scale
+            return [d.mul_(s) for d, s in zip(down, down_scales, strict=True)], mid.mul_(mid_scale)
+        if scale == 1.0:  # times 1 is the identity, bit for bit
+            return down, mid
+        return [d.mul_(scale) for d in down], mid.mul_(scale)

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kolors.errors import KolorsError
 from kolors.pipeline import preprocess
+from kolors.request import CONTROL_MODES as REQUEST_CONTROL_MODES
 from kolors.request import PREPROCESSORS, ControlUnit
 from kolors.serve.http import require_key
 from kolors.serve.schemas import (
@@ -42,7 +43,9 @@ A1111_MODULES = {
     "dw_openpose_full": "dwpose",
 }
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
+# sd-webui-controlnet's control modes by number and name (its ControlMode enum's order) -> kolors' keys
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+A1111_CONTROL_MODES = {name: key for key, name in REQUEST_CONTROL_MODES.items()}
 
 
 class A1111ControlUnit(BaseModel):
@@ -136,8 +139,7 @@ def a1111_control_units(
         model = _model(unit.model, known, f"{field}.model")
         module = _module(unit.module, f"{field}.module")
         mode = _named(unit.resize_mode, RESIZE_MODES, f"{field}.resize_mode", "resize mode")
-        if _named(unit.control_mode, CONTROL_MODES, f"{field}.control_mode", "control mode") != "Balanced":
-            raise RequestError(f"{field}.control_mode", "only Balanced is supported")
+        control_mode = _named(unit.control_mode, CONTROL_MODES, f"{field}.control_mode", "control mode")
         data = unit.image.get("image") if isinstance(unit.image, dict) else unit.image or unit.input_image
         if not data or not isinstance(data, str):
             raise RequestError(f"{field}.image", "a unit needs a control image (base64 text)")
@@ -151,6 +153,7 @@ def a1111_control_units(
                 start=unit.guidance_start,
                 end=unit.guidance_end,
                 options=_options(module, unit.processor_res, unit.threshold_a, unit.threshold_b),
+                control_mode=A1111_CONTROL_MODES[control_mode],
             )
         )
     return tuple(units)
@@ -179,7 +182,14 @@ def openai_control_units(
             )
         image = fit_control_image(_image(e.image, cfg, f"{field}.image"), size, "Just Resize")
         model = _model(e.model, known, f"{field}.model")
-        units.append(ControlUnit(model, image, e.scale, e.preprocess, e.start, e.end))
+        if e.control_mode not in REQUEST_CONTROL_MODES:
+            raise RequestError(
+                f"{field}.control_mode",
+                f"unknown control mode {e.control_mode!r}; choose one of: {', '.join(REQUEST_CONTROL_MODES)}",
+            )
+        units.append(
+            ControlUnit(model, image, e.scale, e.preprocess, e.start, e.end, control_mode=e.control_mode)
+        )
     return tuple(units)
 
 

@@ -74,6 +74,7 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
     native = model(request).native_size
     size = parse_size(body.size, (native, native), config(request))
     fields = {"prompt", "n", "negative_prompt", "seed", "steps", "guidance_scale", "sampler", "schedule"}
+    fields |= {"control_guess_mode"}  # Kolors' extension beside OpenAI's
     units = await run_in_threadpool(
         openai_control_units, body.controlnet, size, config(request), request.app.state.controlnets
     )

@@ -230,6 +230,11 @@ class OpenAIControlNet(BaseModel):
     preprocess: str = Field("none", description="none, canny, depth, openpose or dwpose")
     start: float = Field(0.0, ge=0, le=1)
     end: float = Field(1.0, ge=0, le=1)
+    control_mode: str = Field(
+        "balanced",
+        description="sd-webui-controlnet's control mode: balanced, prompt (My prompt is more important) or "
+        "control (ControlNet is more important)",
+    )
 
 
 class OpenAIImageRequest(BaseModel):
@@ -259,6 +264,11 @@ class OpenAIImageRequest(BaseModel):
     loras: list[LoraChoice] | None = Field(None, description="LoRAs from the server's --lora-dir, by name")
     controlnet: list[OpenAIControlNet] | None = Field(
         None, description="ControlNets this server loaded, each with its control image"
+    )
+    control_guess_mode: bool = Field(
+        False,
+        description="diffusers' guess mode for the ControlNets: the conditional half alone, weights rising "
+        "from 0.1 to 1 over the skips (with balanced units only)",
     )
     ip_adapter_image: str | None = Field(
         None, description="reference image (base64 PNG/JPEG/WebP) for the server's --ip-adapter"
@@ -693,6 +703,7 @@ def openai_call(
     face_image: Image.Image | None = None,
     face_scale: float | None = None,
     face_embeds: list[float] | None = None,
+    control_guess_mode: bool = False,
     **inpaint,
 ) -> GenerationRequest:
     """An OpenAI images request (and Kolors' extension fields) as one pipeline call of `n` images."""
@@ -721,5 +732,6 @@ def openai_call(
         face_image=face_image,
         face_scale=DEFAULT_FACE_SCALE if face_scale is None else face_scale,
         face_embeds=None if face_embeds is None else tuple(face_embeds),
+        control_guess_mode=control_guess_mode,
     )
     return checked(request, config, OPENAI_FIELDS)

@@ -128,7 +128,7 @@ function buildRequest() {
       weight: Number($("control-scale").value),
       image: controlImage,
       resize_mode: "Just Resize",
-      control_mode: "Balanced",
+      control_mode: $("control-mode").value,
     };
     body.alwayson_scripts = { ControlNet: { args: [unit] } };
   }
