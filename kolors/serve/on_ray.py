@@ -47,7 +47,7 @@ def require_serve():
     """The ray and ray.serve modules, or a one-line error saying how to install them."""
     try:
         import ray
-        from ray import serve
+        import ray.serve as serve
     except ImportError as e:
         raise KolorsError(
             f"--ray needs Ray Serve, which is not installed ({e.name} is missing); install it with: {INSTALL}"
