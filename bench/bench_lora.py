@@ -87,12 +87,15 @@ def write_lora(
     return path
 
 
-def time_switches(switch, sets) -> list[float]:
+def time_switches(switch, sets, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of each of SWITCHES switches (and their CPU seconds appended to `cpu`)."""
     times = []
     for i in range(SWITCHES):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         switch(*sets[i % 2])
         times.append(time.perf_counter() - start)
+        if cpu is not None:
+            cpu.append(time.process_time() - start_cpu)
     return times
 
 
@@ -160,15 +163,19 @@ def child(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         load(files / f"{name}.safetensors", name)
     loaded = rss()
     reset_peak_rss()
-    switches = time_switches(switch, SWITCH_SETS)
+    switches_cpu: list[float] = []
+    switches = time_switches(switch, SWITCH_SETS, switches_cpu)
     peak, after = peak_rss(), rss()
     unload()
-    loads = []
+    loads, loads_cpu, unloads = [], [], []
     for _ in range(args.loads):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         load(files / "big.safetensors", "big")
         loads.append(time.perf_counter() - start)
+        loads_cpu.append(time.process_time() - start_cpu)
+        start = time.perf_counter()
         unload()
+        unloads.append(time.perf_counter() - start)
     return dict(
         unet_load_s=unet_s,
         unet_bytes=sum(p.nbytes for p in unet.parameters()),
@@ -177,7 +184,10 @@ def child(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         switching_added=after - loaded,
         switching_peak=peak - loaded,
         switches=switches,
+        switches_cpu=switches_cpu,
         loads=loads,
+        loads_cpu=loads_cpu,
+        unloads=unloads,
     )
 
 
@@ -201,50 +211,56 @@ def switch_and_load(args: argparse.Namespace, argv: list[str]) -> None:
         big_mb = big.stat().st_size / 1e6
     finally:
         shutil.rmtree(files, ignore_errors=True)
-    switch = {side: [t for r in rs for t in r["switches"]] for side, rs in runs.items()}
-    loads = {side: [t for r in rs for t in r["loads"]] for side, rs in runs.items()}
-    med = {side: statistics.median(t) for side, t in switch.items()}
+
+    def pooled(key: str) -> dict[str, list[float]]:
+        return {side: [t for r in rs for t in r[key]] for side, rs in runs.items()}
+
     lines = [f"== LoRA switch and load, UNet from {folder} =="]
     lines += [f"{k:<13}: {v}" for k, v in machine_info().items()]
     lines += [
         f"{'command':<13}: python {' '.join([sys.argv[0], *argv])}",
         f"{'dtype':<13}: {args.dtype} (UNet and LoRAs)",
-        f"LoRAs ink, cat: rank {args.rank}, {len(lora_targets(unet))} attention layers each (PEFT keys, fp16 files); "
-        f"big: rank {args.load_rank}, {big_mb:.0f} MB",
+        f"LoRAs ink, cat: rank {args.rank}, {len(lora_targets(unet))} attention layers each (PEFT keys, fp16 "
+        f"files); big: rank {args.load_rank}, {big_mb:.0f} MB",
     ]
-    for side, rs in runs.items():
+    for what, key, unit, goal in (
+        ("switch the active set", "switches", "ms", "goal <= 0.5x"),
+        (f"load the {big_mb:.0f} MB LoRA into the loaded UNet", "loads", "s", "no goal set"),
+    ):
+        wall, cpu = pooled(key), pooled(f"{key}_cpu")
+        scale = 1e3 if unit == "ms" else 1.0
+        for side, rs in runs.items():
+            lines.append(
+                f"{side}: {what}, median (min-max) of {len(wall[side])} in {len(rs)} processes: wall "
+                f"{spread(wall[side], scale)} {unit}, CPU {spread(cpu[side], scale)} {unit}; first of each "
+                "process (wall) " + ", ".join(f"{r[key][0] * scale:.2f}" for r in rs)
+            )
+        ratio = {
+            name: statistics.median(t["kolors"]) / statistics.median(t["diffusers"])
+            for name, t in (("wall", wall), ("CPU", cpu))
+        }
         lines.append(
-            f"{side}: switch the active set, median (min-max) of {len(switch[side])} in {len(rs)} processes: "
-            f"{spread(switch[side], 1e3)} ms; first switch of each process "
-            + ", ".join(f"{r['switches'][0] * 1e3:.1f}" for r in rs)
-            + " ms"
+            f"{what}, ratio kolors/diffusers: {ratio['wall']:.2f}x wall, {ratio['CPU']:.2f}x CPU ({goal})"
         )
-    lines.append(f"switch ratio kolors/diffusers: {med['kolors'] / med['diffusers']:.2f}x (goal <= 0.5x)")
     for side, rs in runs.items():
         r = rs[-1]
         lines.append(
             f"{side} memory: UNet {format_bytes(r['unet_bytes'])} (resident with it {format_bytes(r['rss_unet'])}); "
-            f"the two LoRAs add {format_bytes(r['loras_added'])} resident, 20 switches "
+            f"the two LoRAs add {format_bytes(r['loras_added'])} resident, {SWITCHES} switches "
             f"{format_bytes(r['switching_added'])} more, peak while switching +{format_bytes(r['switching_peak'])}"
-            f" (last process; others: "
+            " (last process; the others: "
             + ", ".join(
-                f"+{format_bytes(x['loras_added'])}/+{format_bytes(x['switching_peak'])}" for x in rs[:-1]
+                f"+{format_bytes(x['loras_added'])}, +{format_bytes(x['switching_peak'])}" for x in rs[:-1]
             )
             + ")"
         )
-    for side in runs:
-        lines.append(
-            f"{side}: load the {big_mb:.0f} MB LoRA into the loaded UNet, median (min-max) of {len(loads[side])}: "
-            f"{spread(loads[side])} s; runs " + " ".join(f"{t:.2f}" for t in loads[side])
-        )
     lines.append(
-        f"load ratio kolors/diffusers: {statistics.median(loads['kolors']) / statistics.median(loads['diffusers']):.2f}x"
-    )
-    lines.append(
-        "UNet load per process: "
+        "per process, UNet load: "
         + ", ".join(
             f"{side} " + " ".join(f"{r['unet_load_s']:.1f}" for r in rs) + " s" for side, rs in runs.items()
         )
+        + "; unload of the big LoRA (median): "
+        + ", ".join(f"{side} {statistics.median(t):.2f} s" for side, t in pooled("unloads").items())
     )
     print("\n".join(lines), flush=True)
 
