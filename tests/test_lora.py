@@ -262,6 +262,40 @@ def test_set_loras_switches_without_reloading(lora_pipe, loras, base_image):
     assert lora_pipe.lora_hashes() == [(str(loras["ink"]), sha[:12])]
 
 
+def test_lora_from_a_folder_or_a_hub_repo(lora_pipe, loras, tmp_path, monkeypatch):
+    """A folder gives diffusers' pytorch_lora_weights.safetensors, its one weight file or `weight_name`; a hub id
+    goes through huggingface_hub's cache (faked here: no network in tests), its failure one clear line."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from kolors.adapters.lora import find_lora_file
+
+    assert find_lora_file(loras["ink"].parent) == loras["ink"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "style.safetensors").write_bytes(loras["cat"].read_bytes())
+    assert find_lora_file(tmp_path / "one") == tmp_path / "one" / "style.safetensors"
+    (tmp_path / "one" / "other.safetensors").write_bytes(loras["cat"].read_bytes())
+    with pytest.raises(KolorsError, match="has other.safetensors, style.safetensors; pass weight_name="):
+        find_lora_file(tmp_path / "one")
+    assert lora_pipe.load_lora_weights(tmp_path / "one", weight_name="style.safetensors") == "default_0"
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        if repo == "someone/missing":
+            raise LocalEntryNotFoundError("no such file in the cache and no connection")
+        return str(loras["ink"])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert lora_pipe.load_lora_weights("someone/ink-lora", adapter_name="ink") == "ink"
+    assert asked == [("someone/ink-lora", "pytorch_lora_weights.safetensors")]
+    with pytest.raises(
+        KolorsError, match="could not get LoRA 'someone/missing' from the model hub: no such file"
+    ):
+        lora_pipe.load_lora_weights("someone/missing", adapter_name="missing")
+    assert lora_pipe.get_list_adapters() == ["default_0", "ink"]
+
+
 # ------------------------------------------------------------------------------------------------- fast paths
 
 
