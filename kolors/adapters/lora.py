@@ -315,6 +315,23 @@ def _finite(t: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------- the set
 
 
+def _on_one_thread(method):
+    """Run `method` on one torch thread. A LoRA is hundreds of small tensors, and waking torch's other threads for
+    each small op costs more than the op (a 190 MB file took 5-7 s of CPU with two threads on a busy machine, 0.4
+    s with one: BENCHMARKS.md), as the checkpoint loader found (kolors.weights.checkpoint._convert)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 class LoraSet:
     """The LoRAs loaded into one pipeline's models, which of them are active at what scale, and the state of the
     seam (unfused terms, or fused weights with their originals kept)."""
@@ -371,6 +388,7 @@ class LoraSet:
             self._terms.setdefault(target, self._layer(target))
         return name
 
+    @_on_one_thread
     def parse(self, file: Path, name: str) -> Adapter:
         """Read and check a LoRA file against the models: every key used, every shape fitting."""
         state, metadata = read_lora_file(file)
@@ -507,6 +525,7 @@ class LoraSet:
         scales = [p.scale * w for _, p, w in active for _ in range(p.down.shape[0])]
         return LowRankTerm(layer, down, up, torch.tensor(scales, dtype=down.dtype, device=down.device))
 
+    @_on_one_thread  # a new combination stacks its pairs: hundreds of small copies
     def _apply(self, components: Sequence[str] = COMPONENTS) -> None:
         """Set every targeted layer's term to the active pairs (None where there are none: the base layer)."""
         te_changed = False
