@@ -231,6 +231,42 @@ def test_compiled_pipeline_gives_the_same_image(tiny_model_dir, pipe):
     assert_close(compiled(**common).images, pipe(**common).images)
 
 
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_on_the_device_and_in_low_memory(pipe, low, reference, reference_pipeline, tmp_path):
+    """A UNet LoRA (made by PEFT, saved by diffusers) on the device: diffusers' image, unfused and fused; in low
+    memory mode, where the UNet waits in host memory and its LoRA pairs follow it to the device, normal mode's."""
+    from diffusers import KolorsPipeline as DiffusersKolors
+
+    from tests.test_lora import ATTENTION, peft_lora
+
+    state, config = peft_lora(reference_pipeline.unet, ATTENTION, r=4, alpha=8, seed=1)
+    DiffusersKolors.save_lora_weights(
+        tmp_path, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict()
+    )
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    ref = copy.deepcopy(reference)  # the shared reference stays without LoRAs
+    ref.load_lora_weights(str(file), adapter_name="ink")
+    ref.set_adapters(["ink"], [0.8])
+    kwargs = dict(prompt="a cat", **SIZE, num_inference_steps=3, guidance_scale=5.0, output_type="np")
+    try:
+        for p in (pipe, low):
+            p.load_lora_weights(file, adapter_name="ink")
+            p.set_adapters(["ink"], [0.8])
+        theirs = ref(**kwargs, generator=gen(2)).images
+        ours = pipe(**kwargs, generator=gen(2)).images
+        assert_close(ours, theirs)
+        np.testing.assert_array_equal(low(**kwargs, generator=gen(2)).images, ours)
+        assert {p.device.type for p in low.unet.parameters()} == {"cpu"}
+        ref.fuse_lora()
+        pipe.fuse_lora()
+        assert_close(pipe(**kwargs, generator=gen(2)).images, ref(**kwargs, generator=gen(2)).images)
+    finally:
+        pipe.unload_lora_weights()
+        low.unload_lora_weights()
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 

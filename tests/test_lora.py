@@ -262,6 +262,139 @@ def test_set_loras_switches_without_reloading(lora_pipe, loras, base_image):
     assert lora_pipe.lora_hashes() == [(str(loras["ink"]), sha[:12])]
 
 
+def test_lora_from_a_folder_or_a_hub_repo(lora_pipe, loras, tmp_path, monkeypatch):
+    """A folder gives diffusers' pytorch_lora_weights.safetensors, its one weight file or `weight_name`; a hub id
+    goes through huggingface_hub's cache (faked here: no network in tests), its failure one clear line."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from kolors.adapters.lora import find_lora_file
+
+    assert find_lora_file(loras["ink"].parent) == loras["ink"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "style.safetensors").write_bytes(loras["cat"].read_bytes())
+    assert find_lora_file(tmp_path / "one") == tmp_path / "one" / "style.safetensors"
+    (tmp_path / "one" / "other.safetensors").write_bytes(loras["cat"].read_bytes())
+    with pytest.raises(KolorsError, match="has other.safetensors, style.safetensors; pass weight_name="):
+        find_lora_file(tmp_path / "one")
+    assert lora_pipe.load_lora_weights(tmp_path / "one", weight_name="style.safetensors") == "default_0"
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        if repo == "someone/missing":
+            raise LocalEntryNotFoundError("no such file in the cache and no connection")
+        return str(loras["ink"])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert lora_pipe.load_lora_weights("someone/ink-lora", adapter_name="ink") == "ink"
+    assert asked == [("someone/ink-lora", "pytorch_lora_weights.safetensors")]
+    with pytest.raises(
+        KolorsError, match="could not get LoRA 'someone/missing' from the model hub: no such file"
+    ):
+        lora_pipe.load_lora_weights("someone/missing", adapter_name="missing")
+    assert lora_pipe.get_list_adapters() == ["default_0", "ink"]
+
+
+# ------------------------------------------------------------------------------------------------- fast paths
+
+
+def test_low_memory_mode_with_a_unet_lora_matches_normal_mode(lora_pipe, tiny_model_dir, loras):
+    """memory="low" (the text encoder streamed a layer at a time, no prompt cache): a UNet LoRA gives normal
+    mode's image, fuses (the UNet is not streamed) and unfuses bit for bit."""
+    low = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu", memory="low")
+    low.set_progress_bar_config(disable=True)
+    for p in (low, lora_pipe):
+        p.load_lora_weights(loras["ink"], adapter_name="ink")
+        p.set_adapters(["ink"], [0.8])
+    expected = images(lora_pipe)
+    np.testing.assert_array_equal(images(low), expected)
+    weights = {k: v.clone() for k, v in low.unet.state_dict().items()}
+    low.fuse_lora()
+    assert_close(images(low), expected)
+    low.unfuse_lora()
+    assert all(torch.equal(low.unet.state_dict()[k], v) for k, v in weights.items())
+    np.testing.assert_array_equal(images(low), expected)
+
+
+def test_int8_text_encoder_with_a_unet_lora(lora_pipe, tiny_model_dir, loras):
+    """The int8 text encoder takes no text LoRA (tested above) but a UNet LoRA works as on the float model: the
+    same image as the float pipeline given the int8 encoder's embeddings, fused or not."""
+    q = KolorsPipeline.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, device="cpu", text_encoder_quant="int8"
+    )
+    q.set_progress_bar_config(disable=True)
+    base = images(q)
+    embeds = q.encode_prompt(CALL["prompt"])
+    for p in (q, lora_pipe):
+        p.load_lora_weights(loras["ink"], adapter_name="ink")
+        p.set_adapters(["ink"], [0.8])
+    ours = images(q)
+    assert np.abs(ours - base).max() > 0.02
+    call = {k: v for k, v in CALL.items() if k != "prompt"}
+    np.testing.assert_array_equal(ours, lora_pipe(**call, prompt_embeds=embeds, generator=gen()).images)
+    q.fuse_lora()
+    assert_close(images(q), ours)
+    q.unfuse_lora()
+    np.testing.assert_array_equal(images(q), ours)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_loras_on_packed_weights(lora_pipe, tiny_model_dir, loras):
+    """The CPU fast path's packed weights (oneDNN's layout; the pipeline packs them for bf16 where the CPU has it,
+    packed here in float32, which any x86 CPU runs): the terms join the packed linears, convolutions and GEGLU
+    projections through the same seam; fusing reads the plain weights again and packs the sums; unfusing puts
+    the very same packed tensors back."""
+    from kolors.models.layers import pack_weights
+
+    packed = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    packed.set_progress_bar_config(disable=True)
+    pack_weights(packed.unet)
+    assert packed.unet.conv_in.weight.is_mkldnn
+    for p in (packed, lora_pipe):
+        p.load_lora_weights(loras["ink"], adapter_name="ink")
+        p.load_lora_weights(loras["locon"], adapter_name="locon")  # convolutions, GEGLU's proj, ff.net.2
+        p.set_adapters(["ink", "locon"], adapter_weights=[0.6, 1.0])
+    before = images(packed)
+    assert_close(before, images(lora_pipe))
+    tensors = dict(packed.unet.named_buffers()) | dict(packed.unet.named_parameters())
+    for p in (packed, lora_pipe):
+        p.fuse_lora(lora_scale=0.9)
+    assert packed.unet.down_blocks[1].attentions[0].proj_in.weight.is_mkldnn  # packed again after the sum
+    assert_close(images(packed), images(lora_pipe))
+    for p in (packed, lora_pipe):
+        p.unfuse_lora()
+    after = dict(packed.unet.named_buffers()) | dict(packed.unet.named_parameters())
+    assert after.keys() == tensors.keys() and all(after[k] is v for k, v in tensors.items())
+    np.testing.assert_array_equal(images(packed), before)
+
+
+@pytest.mark.slow
+def test_compiled_unet_with_unfused_loras_and_switches(lora_pipe, tiny_model_dir, loras):
+    """compile=True with LoRAs unfused: the compiled UNet gives the eager images with one LoRA, after a switch to
+    two, after a change of scales and back. A change of scales reuses the compiled code; a set of another total
+    rank compiles once more (its shapes become dynamic), then no more. Two Inductor compilations: 14 minutes on
+    this project's loaded 2-core machine, hence slow."""
+    from torch._dynamo.utils import counters
+
+    start = counters["stats"]["unique_graphs"]
+
+    compiled = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu", compile=True)
+    compiled.set_progress_bar_config(disable=True)
+    for p in (compiled, lora_pipe):
+        p.load_lora_weights(loras["ink"], adapter_name="ink")
+        p.load_lora_weights(loras["cat"], adapter_name="cat")
+    frames = []
+    for names, weights in [(["ink"], [0.8]), (["ink", "cat"], [0.3, 0.6]), (["ink", "cat"], [0.5, 0.2]),
+                           (["ink"], [0.8]), (["ink"], [0.4])]:  # fmt: skip
+        for p in (compiled, lora_pipe):
+            p.set_adapters(names, weights)
+        assert_close(images(compiled), images(lora_pipe))
+        frames.append(counters["stats"]["unique_graphs"])
+    assert frames[2] == frames[1] and frames[4] == frames[3], frames  # new scales: no new graph
+    assert frames[-1] - start <= 2, frames
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 
@@ -300,6 +433,57 @@ def test_bad_loras_are_one_clear_error_and_change_nothing(lora_pipe, loras, tmp_
         with pytest.raises(KolorsError, match=message):
             call()
     assert lora_pipe.get_list_adapters() == ["ink"] and lora_pipe.get_active_adapters() == ["ink"]
+    np.testing.assert_array_equal(images(lora_pipe), good)
+
+
+def test_loras_for_other_models_bad_values_and_bad_sets_change_nothing(lora_pipe, loras, tmp_path):
+    """The issue's other bad inputs: SDXL's text_encoder_2 beside keys that fit, an SD1.5 UNet key, non-finite
+    values, a .bin that is no pickle; and set_loras with an unknown name, a bad scale or a bad file after a good
+    one, which loads nothing (the good file is not left loaded)."""
+    lora_pipe.load_lora_weights(loras["ink"], adapter_name="ink")
+    good = images(lora_pipe)
+    ink = _read(loras["ink"])
+    sdxl = {
+        **ink,
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
+    }
+    sdxl["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(8, 4)
+    save_file(sdxl, tmp_path / "sdxl_peft.safetensors")
+    sd15 = (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # SDXL has no attention there
+    )
+    save_file({f"{sd15}.lora_down.weight": torch.zeros(4, 32), f"{sd15}.lora_up.weight": torch.zeros(32, 4)},
+              tmp_path / "sd15.safetensors")  # fmt: skip
+    nan = dict(ink)
+    key = sorted(k for k in nan if k.endswith("lora_B.weight"))[0]
+    nan[key] = nan[key].clone()
+    nan[key][0, 0] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors")
+    (tmp_path / "junk.bin").write_bytes(b"not a pickle at all")
+    cases = {
+        "sdxl_peft.safetensors": "'text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj' matches no layer",
+        "sd15.safetensors": f"'{sd15}.lora_down.weight' matches no layer",
+        "nan.safetensors": f"'{key.removesuffix('.lora_B.weight')}' has non-finite values",
+        "junk.bin": "is truncated or corrupt",
+    }
+    for name, message in cases.items():
+        with pytest.raises(KolorsError) as e:
+            lora_pipe.load_lora_weights(tmp_path / name, adapter_name="bad")
+        assert message in str(e.value) and str(tmp_path / name) in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+    terms = [m for m in lora_pipe.unet.modules() if getattr(m, "lora", None) is not None]
+    for loras_, message in [
+        ([("nope", 1.0)], "LoRA file not found: nope"),
+        ([("ink", float("inf"))], "LoRA 'ink' scale must be a finite number >= 0"),
+        ([("ink", -1)], "LoRA 'ink' scale must be a finite number >= 0"),
+        ([(str(loras["cat"]), 0.5), (str(tmp_path / "sd15.safetensors"), 1.0)], "matches no layer"),
+        ([(str(loras["cat"]), 0.5), (str(loras["cat"]), 0.7)], "adapter names repeat"),
+    ]:
+        with pytest.raises(KolorsError, match=message):
+            lora_pipe.set_loras(loras_)
+        assert lora_pipe.get_list_adapters() == ["ink"] and lora_pipe.get_active_adapters() == ["ink"]
+    assert [m for m in lora_pipe.unet.modules() if getattr(m, "lora", None) is not None] == terms
+    assert set(lora_pipe.loras._terms) == set(lora_pipe.loras.adapters["ink"].layers)
     np.testing.assert_array_equal(images(lora_pipe), good)
 
 

@@ -146,3 +146,51 @@ def test_batch_jobs_with_loras(pipe, lora_dir, tmp_path):
     # A rerun finds every image made.
     again = run_batch(jobs, tmp_path / "out", pipe=pipe, defaults=defaults, progress=False)
     assert again.done == 0 and again.skipped == 3
+
+
+def test_a_lora_file_for_another_model_is_a_4xx_and_exit_2_naming_it(
+    pipe, tiny_model_dir, lora_dir, tmp_path, capsys
+):
+    """A file in --lora-dir that fits no layer (SDXL's second text encoder): the request is answered 4xx naming
+    the file and its first key, the good LoRA of the same request is not left applied, the next request runs."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "ink.safetensors").write_bytes((lora_dir / "ink.safetensors").read_bytes())
+    key = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    bad = folder / "bad.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 8), f"{key}.lora_up.weight": torch.zeros(8, 4)}, bad)
+    app = create_app(pipe, ServerConfig(max_steps=4, max_width=64, max_height=64, lora_dir=str(folder)))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    body = {
+        "prompt": f"{PROMPT} <lora:ink:0.7> <lora:bad:1>",
+        "steps": 2,
+        "width": 32,
+        "height": 32,
+        "seed": 3,
+    }
+    openai = {
+        "prompt": PROMPT,
+        "steps": 2,
+        "size": "32x32",
+        "seed": 3,
+        "loras": [{"name": "bad", "scale": 1}],
+    }
+    for route, json_ in (("/sdapi/v1/txt2img", body), ("/v1/images/generations", openai)):
+        r = client.post(route, json=json_)
+        assert 400 <= r.status_code < 500, r.text
+        assert str(bad) in r.text and f"'{key}.lora_down.weight' matches no layer" in r.text, r.text
+    plain = client.post("/sdapi/v1/txt2img", json={**body, "prompt": PROMPT}).json()["images"][0]
+    assert np.abs(np.asarray(decode_png(plain), dtype=np.int16) - expected(pipe, [], 3)).max() <= 1
+    app.state.queue.close()
+
+    argv = ["generate", PROMPT, "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu"]
+    argv += ["--steps", "2", "--width", "32", "--height", "32", "--output", str(tmp_path / "x.png")]
+    assert main([*argv, "--lora", f"{bad}:0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        str(bad) in err
+        and "matches no layer" in err
+        and "Traceback" not in err
+        and len(err.splitlines()) == 1
+    )
+    assert not (tmp_path / "x.png").exists()

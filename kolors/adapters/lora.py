@@ -302,11 +302,34 @@ def _check_fits(file: Path, key: str, pair: LoraPair, layer: nn.Module) -> None:
                 f"LoRA file {file}: '{key}' {what} has shape {tuple(shape)} but this model's layer needs {want};"
                 " the LoRA is for another model"
             )
-    if not (math.isfinite(pair.scale) and torch.isfinite(pair.down).all() and torch.isfinite(pair.up).all()):
+    if not (math.isfinite(pair.scale) and _finite(pair.down) and _finite(pair.up)):
         raise KolorsError(f"LoRA file {file}: '{key}' has non-finite values")
 
 
+def _finite(t: Tensor) -> bool:
+    # A float32 sum is inf or NaN when an element is (or, for absurd values, when finite ones overflow it: then
+    # the elementwise check decides). On a CPU it costs a tenth of isfinite().all() on fp16 (BENCHMARKS.md).
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 # ---------------------------------------------------------------------------------------------- the set
+
+
+def _on_one_thread(method):
+    """Run `method` on one torch thread. A LoRA is hundreds of small tensors, and waking torch's other threads for
+    each small op costs more than the op (a 190 MB file took 5-7 s of CPU with two threads on a busy machine, 0.4
+    s with one: BENCHMARKS.md), as the checkpoint loader found (kolors.weights.checkpoint._convert)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 class LoraSet:
@@ -365,6 +388,7 @@ class LoraSet:
             self._terms.setdefault(target, self._layer(target))
         return name
 
+    @_on_one_thread
     def parse(self, file: Path, name: str) -> Adapter:
         """Read and check a LoRA file against the models: every key used, every shape fitting."""
         state, metadata = read_lora_file(file)
@@ -436,11 +460,25 @@ class LoraSet:
         names = [str(name_or_path) for name_or_path, _ in loras]
         for name, (_, scale) in zip(names, loras, strict=True):
             check_scale(scale, f"LoRA '{name}' scale")
-        for name in names:
-            if name not in self.adapters:
-                self._add(name, None, name)  # loaded, not yet active: the set below decides
-        self.set_active(names, [scale for _, scale in loras])
+        added = []
+        try:
+            for name in names:
+                if name not in self.adapters:
+                    self._add(name, None, name)  # loaded, not yet active: the set below decides
+                    added.append(name)
+            self.set_active(names, [scale for _, scale in loras])
+        except BaseException:  # a bad file after good ones: the good ones this call loaded go too
+            self._drop(added)
+            raise
         return names
+
+    def _drop(self, names: Sequence[str]) -> None:
+        """Forget adapters that are not active (loaded by a call that then failed)."""
+        for name in names:
+            self.adapters.pop(name, None)
+        targeted = {t for a in self.adapters.values() for t in a.layers}
+        self._terms = {t: layer for t, layer in self._terms.items() if t in targeted}
+        self._stacks = {k: v for k, v in self._stacks.items() if not set(k[1]) & set(names)}
 
     def set_enabled(self, enabled: bool) -> None:
         if self.fused is not None:
@@ -487,6 +525,7 @@ class LoraSet:
         scales = [p.scale * w for _, p, w in active for _ in range(p.down.shape[0])]
         return LowRankTerm(layer, down, up, torch.tensor(scales, dtype=down.dtype, device=down.device))
 
+    @_on_one_thread  # a new combination stacks its pairs: hundreds of small copies
     def _apply(self, components: Sequence[str] = COMPONENTS) -> None:
         """Set every targeted layer's term to the active pairs (None where there are none: the base layer)."""
         te_changed = False
