@@ -432,3 +432,79 @@ def test_the_ingress_knows_which_image_prompts_the_replicas_loaded(replica):
         assert client.get("/controlnet/image_prompts").json() == {"ip_adapter": False, "faceid": False}
         r = client.post("/v1/images/generations", json={"prompt": "a cat", "ip_adapter_image": "AAAA"})
         assert r.status_code == 400 and "ip_adapter_image" in r.text
+
+
+class FakeCluster:
+    """Just enough of ray and ray.serve for on_ray.run: a cluster of `resources`, and a serve.run that fails
+    as Serve's does when every replica failed to start (`failure`), or succeeds."""
+
+    def __init__(self, resources, failure=None):
+        self.resources, self.failure, self.calls = resources, failure, []
+        self.ray = types.SimpleNamespace(
+            init=lambda address=None: self.calls.append("init"),
+            cluster_resources=lambda: self.resources,
+            shutdown=lambda: self.calls.append("ray.shutdown"),
+        )
+        self.serve = types.SimpleNamespace(
+            start=lambda **kwargs: self.calls.append("start"),
+            run=self.run,
+            shutdown=lambda: self.calls.append("serve.shutdown"),
+        )
+
+    def run(self, *args, **kwargs):
+        self.calls.append("run")
+        if self.failure:
+            raise RuntimeError(self.failure)
+        raise KeyboardInterrupt  # deployed: stop before serving forever
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--gpus-per-replica", "1"],
+            "1 replica(s) of --gpus-per-replica 1 need 1 GPUs and the Ray cluster has 0; lower --gpus-per-replica"
+            " or --replicas, or add nodes (ray start --address) first",
+        ),
+        (["--replicas", "3"], "3 replica(s) of --cpus-per-replica 1 need 3 CPUs and the Ray cluster has 2"),
+    ],
+)
+def test_replicas_the_cluster_cannot_hold_are_refused_at_start(
+    tiny_model_dir, monkeypatch, capsys, argv, message
+):
+    from kolors.serve import on_ray
+
+    cluster = FakeCluster({"CPU": 2.0})
+    monkeypatch.setattr(on_ray, "require_serve", lambda: (cluster.ray, cluster.serve))
+    monkeypatch.setattr(on_ray, "build", lambda *args: "app")
+    assert main(["serve", "--model", str(tiny_model_dir), "--ray", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kolors: error: {message}") and err.count("\n") == 1, err
+    assert cluster.calls == ["init", "ray.shutdown"]  # nothing deployed, the local Ray stopped again
+
+
+def test_replicas_that_fail_to_load_are_one_line_at_start(tiny_model_dir, monkeypatch, capsys):
+    """Serve's DEPLOY_FAILED message carries each replica's traceback; the user gets our error's text."""
+    from kolors.serve import on_ray
+
+    failure = (
+        "Deploying application kolors failed: Failed to update the deployments ['KolorsReplica'].\n"
+        "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor.\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/kolors/pipeline.py", line 260, in from_pretrained\n'
+        "kolors.errors.KolorsError: model folder /data/kolors not found: /data/kolors; pass a Kolors-diffusers "
+        "folder or a hub repo id\n"
+    )
+    cluster = FakeCluster({"CPU": 2.0}, failure=failure)
+    monkeypatch.setattr(on_ray, "require_serve", lambda: (cluster.ray, cluster.serve))
+    monkeypatch.setattr(on_ray, "build", lambda *args: "app")
+    assert main(["serve", "--model", str(tiny_model_dir), "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "kolors: error: the replicas could not start: model folder /data/kolors not found: /data/kolors; pass a "
+        "Kolors-diffusers folder or a hub repo id\n"
+    )
+    assert cluster.calls == ["init", "start", "run", "serve.shutdown", "ray.shutdown"]
+    assert on_ray.deploy_failure("Deploying application kolors failed: out of memory") == (
+        "Deploying application kolors failed: out of memory"
+    )

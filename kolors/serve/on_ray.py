@@ -112,6 +112,19 @@ class Scaling:
         """The most replicas there may be: the calls the ingress keeps in flight at once."""
         return self.replicas if self.replicas is not None else self.max_replicas
 
+    def check_fits(self, resources: dict[str, float]) -> None:
+        """Replicas that ask for more than the cluster has would wait for it forever (Serve keeps the application
+        deploying, and `serve.run` with it): refused at start, in one line."""
+        starting = self.replicas if self.replicas is not None else max(1, self.min_replicas)
+        for kind, per in (("GPU", self.gpus_per_replica), ("CPU", self.cpus_per_replica)):
+            have = float(resources.get(kind, 0.0))
+            if per * starting > have:
+                option = f"--{kind.lower()}s-per-replica"
+                raise KolorsError(
+                    f"{starting} replica(s) of {option} {per:g} need {per * starting:g} {kind}s and the Ray cluster "
+                    f"has {have:g}; lower {option} or --replicas, or add nodes (ray start --address) first"
+                )
+
     def options(self, queue_size: int) -> dict[str, Any]:
         """The Replica deployment's options."""
         actor: dict[str, Any] = {"num_cpus": self.cpus_per_replica}
@@ -420,6 +433,16 @@ def app(args: dict[str, Any]):
     return build(model_options, [], config, scaling)
 
 
+def deploy_failure(message: str) -> str:
+    """The one line that says why, from Serve's DEPLOY_FAILED message (which carries the replica's traceback):
+    our own error's text when the replica raised one, else the traceback's last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "KolorsError: " in line:
+            return line.split("KolorsError: ", 1)[1]
+    return lines[-1] if lines else "no reason given"
+
+
 def run(
     model_options: dict,
     controlnets: list[tuple[str, str]],
@@ -436,10 +459,24 @@ def run(
     ray, serve = require_serve()
     check_address(address)
     ray.init(address=address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(
-        build(model_options, controlnets, config, scaling), name=APP_NAME, route_prefix="/", blocking=False
-    )
+    try:
+        scaling.check_fits(ray.cluster_resources())
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(
+            build(model_options, controlnets, config, scaling),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+        )
+    except (
+        RuntimeError
+    ) as e:  # Serve gave up on the replicas: each failed to start (e.g. a bad path on its node)
+        serve.shutdown()
+        ray.shutdown()
+        raise KolorsError(f"the replicas could not start: {deploy_failure(str(e))}") from None
+    except KolorsError:
+        ray.shutdown()
+        raise
     shown = f"[{host}]" if ":" in host else host
     print(f"kolors: serving on Ray at http://{shown}:{port}  (web page /, API docs /docs)", flush=True)
     try:
