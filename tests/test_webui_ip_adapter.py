@@ -68,6 +68,7 @@ def test_reference_image_and_strength(browser, server, tmp_path):
     wait_for_samplers(page)
     ref = tmp_path / "ref.png"
     Image.new("RGB", (40, 30), (30, 120, 200)).save(ref)
+    page.wait_for_selector("#ip-fieldset:not([hidden])")  # the server loaded an IP-Adapter
     page.fill("#prompt", "a cat")
     assert page.is_disabled("#ip-scale")
     page.set_input_files("#ip-image", ref)

@@ -452,9 +452,12 @@ function clearReference(kind = "ip") {
   $(`${kind}-scale`).disabled = true;
 }
 
-// The face slot only where the server loaded a FaceID adapter (kolors serve --faceid).
+// The reference and face slots only where the server loaded their adapters (--ip-adapter, --faceid): a
+// request with an image prompt the server cannot use is refused.
 async function loadImagePrompts() {
   const prompts = await api("controlnet/image_prompts");
+  $("ip-fieldset").hidden = !prompts.ip_adapter;
+  if (!prompts.ip_adapter) clearReference("ip");
   $("face-fieldset").hidden = !prompts.faceid;
   if (!prompts.faceid) clearReference("face");
 }
