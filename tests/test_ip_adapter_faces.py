@@ -232,6 +232,34 @@ def test_openai_extension_fields(client, pipe, ref_png):
     assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image"
 
 
+def test_openai_edits_take_the_reference_as_a_file(client, pipe, ref_png, tmp_path):
+    """The multipart edits route takes the image prompt as a file beside the image it changes."""
+    from tests.server_helpers import decode_png
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(init)
+    data = {"prompt": "a cat", "steps": "2", "seed": "3", "ip_adapter_scale": "0.9"}
+    files = {"image": ("init.png", init.read_bytes(), "image/png")}
+    files["ip_adapter_image"] = ("ref.png", ref_png.read_bytes(), "image/png")
+    r = client.post("/v1/images/edits", data=data, files=files)
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["data"][0]["b64_json"])
+    assert "IP-Adapter: ip_adapter_plus_general, IP-Adapter scale: 0.9" in image.text["parameters"]
+    pipe.set_ip_adapter_scale(0.9)
+    expected = pipe(
+        "a cat",
+        image=Image.open(init),
+        strength=0.75,
+        num_inference_steps=2,
+        seed=3,
+        ip_adapter_image=Image.open(ref_png),
+    ).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+    files["ip_adapter_image"] = ("ref.png", b"not an image", "image/png")
+    r = client.post("/v1/images/edits", data=data, files=files)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ip_adapter_image", r.text
+
+
 def test_server_without_adapter_names_the_flag(tiny_model_dir, ref_png):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

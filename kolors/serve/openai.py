@@ -101,19 +101,24 @@ IMAGE_PROMPTS = {
 }
 
 
-async def reference_image(data: str | None, request: Request, field: str = "ip_adapter_image"):
-    """The decoded image of an image-prompt field (Kolors' extension fields ip_adapter_image and face_image),
-    or None."""
+async def reference_image(data: str | UploadFile | None, request: Request, field: str = "ip_adapter_image"):
+    """The decoded image of an image-prompt field (Kolors' extension fields ip_adapter_image and face_image:
+    base64 in JSON, a file in the multipart edits route), or None."""
     if data is None:
         return None
     kind, needs = IMAGE_PROMPTS[field]
     if not request.app.state.image_prompts.get(kind):
         raise RequestError(field, f"this server has no {needs}")
     cfg = config(request)
+    raw = None
+    if not isinstance(data, str):
+        raw = await data.read(cfg.max_upload_bytes + 1)
+        if len(raw) > cfg.max_upload_bytes:
+            raise RequestError(field, f"over this server's upload limit of {cfg.max_upload_mb:g} MB", 413)
 
     def work():
         with request.app.state.decodes:
-            return decode_image(decode_base64(data, cfg, field), cfg, field)
+            return decode_image(decode_base64(data, cfg, field) if raw is None else raw, cfg, field)
 
     return await run_in_threadpool(work)
 
@@ -163,9 +168,21 @@ async def edits(
         int | None, Form(ge=0, description="inpaint only the box around the mask, padded so, at full size")
     ] = None,
     paste_back: Annotated[bool, Form(description="the original outside the mask, exactly")] = True,
+    ip_adapter_image: Annotated[
+        UploadFile | None, File(description="a reference image, for a server started with --ip-adapter")
+    ] = None,
+    ip_adapter_scale: Annotated[
+        float | None, Form(ge=0, le=10, allow_inf_nan=False, description="its weight (default 0.5)")
+    ] = None,
+    face_image: Annotated[
+        UploadFile | None, File(description="a photo of the face to keep, for a server started with --faceid")
+    ] = None,
+    face_scale: Annotated[
+        float | None, Form(ge=0, le=10, allow_inf_nan=False, description="its weight (default 0.8)")
+    ] = None,
 ) -> OpenAIImagesResponse:
     """Image to image in OpenAI's multipart form: `image` and `prompt`, plus Kolors' fields and `strength`;
-    with `mask`, inpainting."""
+    with `mask`, inpainting; with `ip_adapter_image` or `face_image`, image prompts as in generations."""
     check_model(model_name, request)
     uploads = (image or []) + (image_list or [])
     init = await read_one_image(request, uploads, size)
@@ -193,6 +210,10 @@ async def edits(
         image=init,
         strength=strength,
         loras=request.app.state.loras,
+        ip_image=await reference_image(ip_adapter_image, request),
+        ip_scale=ip_adapter_scale,
+        face_image=await reference_image(face_image, request, "face_image"),
+        face_scale=face_scale,
         **inpaint,
     )
     return await respond(request, call, response_format)
