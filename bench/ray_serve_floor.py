@@ -1,0 +1,117 @@
+"""The floor of Ray Serve's per-request cost on a machine, with no model at all: an HTTP request through Serve's
+proxy to a FastAPI ingress (`/none`), which calls a second deployment through a handle (`/call`), streams three
+events from it (`/stream`, what `kolors serve --ray` does per call: a step event per step, then the answer), and
+does that from a worker thread (`/thread`, as kolors' job queue does), against the same route on a plain uvicorn
+server in-process. Medians of 60 requests one at a time, two rounds. It tells how much of what bench_serve.py
+reports as "Ray adds" is Ray Serve's own two hops.
+
+    python bench/ray_serve_floor.py
+"""
+
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import ray
+import uvicorn
+from fastapi import FastAPI
+from ray import serve
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Worker:
+    async def stream(self, n: int):
+        for i in range(n):
+            yield ("step", i)
+        yield ("done", [1, 2, 3])
+
+    def call(self, n: int):
+        return ("done", [1, 2, 3])
+
+
+api = FastAPI()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, worker):
+        self.worker = worker
+
+    @api.post("/stream")
+    async def s(self):
+        out = []
+        async for e in self.worker.options(stream=True).stream.remote(2):
+            out.append(e)
+        return {"n": len(out)}
+
+    @api.post("/call")
+    async def c(self):
+        return {"r": await self.worker.call.remote(2)}
+
+    @api.post("/thread")
+    async def t(self):
+        from starlette.concurrency import run_in_threadpool
+
+        def work():
+            return [e for e in self.worker.options(stream=True).stream.remote(2)]
+
+        return {"n": len(await run_in_threadpool(work))}
+
+    @api.post("/none")
+    async def none(self):
+        return {"r": 1}
+
+
+local = FastAPI()
+
+
+@local.post("/stream")
+async def ls():
+    return {"n": 3}
+
+
+def timeit(url, n=60):
+    with httpx.Client() as c:
+        for _ in range(5):
+            c.post(url)
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            r = c.post(url)
+            ts.append((time.perf_counter() - t) * 1000)
+            assert r.status_code == 200, r.text
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Ingress.bind(Worker.bind()), route_prefix="/")
+    lport = free_port()
+    server = uvicorn.Server(uvicorn.Config(local, port=lport, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    time.sleep(2)
+    for _ in range(2):
+        print(f"local uvicorn /stream      {timeit(f'http://127.0.0.1:{lport}/stream'):.1f} ms")
+        print(f"serve ingress only /none   {timeit(f'http://127.0.0.1:{port}/none'):.1f} ms")
+        print(f"serve + handle call /call  {timeit(f'http://127.0.0.1:{port}/call'):.1f} ms")
+        print(f"serve + stream 3 /stream   {timeit(f'http://127.0.0.1:{port}/stream'):.1f} ms")
+        print(f"serve + stream from thread {timeit(f'http://127.0.0.1:{port}/thread'):.1f} ms")
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
