@@ -33,6 +33,7 @@ from kolors.errors import KolorsError
 from kolors.models.layers import packable
 from kolors.models.sgm import sgm_blocks, sgm_to_diffusers
 from kolors.models.unet import UNetConfig
+from kolors.weights.checkpoint import one_thread
 
 COMPONENTS = ("unet", "text_encoder")
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -318,16 +319,12 @@ def _finite(t: Tensor) -> bool:
 def _on_one_thread(method):
     """Run `method` on one torch thread. A LoRA is hundreds of small tensors, and waking torch's other threads for
     each small op costs more than the op (a 190 MB file took 5-7 s of CPU with two threads on a busy machine, 0.4
-    s with one: BENCHMARKS.md), as the checkpoint loader found (kolors.weights.checkpoint._convert)."""
+    s with one: BENCHMARKS.md), as the checkpoint loader found."""
 
     @functools.wraps(method)
     def run(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             return method(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
     return run
 

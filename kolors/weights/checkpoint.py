@@ -254,7 +254,7 @@ def _convert(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
                 else:
                     dst.copy_(src)
 
-    with _one_thread():
+    with one_thread():
         if workers <= 1:
             run(0)
         else:
@@ -262,7 +262,9 @@ def _convert(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside: many small ops cost less than waking its other threads for each (the loader's
+    casts, a LoRA's hundreds of small tensors; BENCHMARKS.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
