@@ -28,7 +28,9 @@ memory) are reported as such.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +42,14 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python bench/bench_controlnet.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_unet import SCALES, build_models, make_inputs, pad_counts, unet_config  # noqa: E402
-from bench.common import REFERENCE, SEED_PROMPT, add_common_args, alternate, setup  # noqa: E402
+from bench.common import (  # noqa: E402
+    REFERENCE,
+    SEED_PROMPT,
+    add_common_args,
+    alternate,
+    alternate_children,
+    setup,
+)
 
 GOAL = 1.15  # issue 17: kolors' step with a ControlNet at least 1.15x faster than diffusers'
 
@@ -229,7 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1, help="--memory: denoising steps")
     parser.add_argument("--controlnets", default="1,2", help="--memory: how many ControlNets, e.g. 1,2")
     parser.add_argument("--sides", default=",".join(MEMORY_SIDES), help="--memory: e.g. kolors-low,diffusers")
-    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: one --memory run, in a child process
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="each side in N fresh processes of its own (full size, float32)",
+    )
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: one child's run, in a child process
     parser.add_argument("--child-output", help=argparse.SUPPRESS)
     parser.add_argument("--config", default=str(REFERENCE / "unet" / "config.json"), help="UNet config.json")
     parser.add_argument("--scale", default="full", choices=list(SCALES))
@@ -243,11 +258,44 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--memory needs --model, a Kolors-diffusers folder (bench/fake_weights.py DIR)")
         args.argv = argv
         return memory_main(args)
+    if args.processes and not args.side:
+        return step_in_processes(args, argv if argv is not None else sys.argv[1:])
     device, dtype = setup(args)
+    times, outputs, prepare_s = step_times(args, device, dtype, args.side)
+    if args.side:  # a child of --processes: its times, and its output for the parent to compare
+        torch.save(outputs, Path(args.child_output).with_suffix(".pt"))
+        Path(args.child_output).write_text(json.dumps(times))
+        return
+    diff = (outputs["kolors+cn"].float() - outputs["diffusers+cn"].float()).abs().max().item()
+    print(f"command: python bench/bench_controlnet.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(
+        f"dtype {args.dtype}, latent {args.latent}, threads {torch.get_num_threads()}, prepare {prepare_s:.3f} s"
+    )
+    report_steps(args, times, diff)
+
+
+def step_times(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, side: str | None
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, torch.Tensor], float]:
+    """Each contender's wall and CPU seconds per timed step ({name: {"wall": [...], "cpu": [...]}}), its last
+    output and the time prepare_context and prepare_hint took. `side` "kolors" times the bare step and kolors'
+    step with the ControlNet, "diffusers" diffusers' (each in a process of its own, --processes); None all three.
+    kolors' weights are packed as the pipeline packs them (kolors.models.layers.packs): a copy of the linears,
+    which is why a full-size float32 run needs a process per side (both sides' weights and the packed copy do
+    not fit in 24 GiB together)."""
+    from kolors.models.layers import pack_weights, packs
 
     config = unet_config(args)
     ref_unet, unet, cfg = build_models(config, dtype, device)
     ref_cn, cn = build_controlnet(ref_unet, dtype)
+    if side == "kolors":
+        del ref_unet, ref_cn  # kolors' models hold the tensors now
+    elif side == "diffusers":
+        del unet, cn
+    gc.collect()
+    if side != "diffusers" and packs(device, dtype):
+        pack_weights(unet)
+        pack_weights(cn)
     inputs = make_inputs(
         cfg, 2, args.latent, args.tokens, pad_counts([SEED_PROMPT, ""], args.tokens), dtype, device
     )
@@ -257,29 +305,37 @@ def main(argv: list[str] | None = None) -> None:
     x, t, states = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
     pooled, ids = inputs["text_embeds"], inputs["time_ids"]
 
-    start = time.perf_counter()
-    context, cn_context = unet.prepare_context(states), cn.prepare_context(states)
-    hint = cn.prepare_hint(cond)  # the control image's embedding, once per generation as in the pipeline
-    prepare_s = time.perf_counter() - start
+    fns = {}
+    prepare_s = 0.0
+    if side != "diffusers":
+        start = time.perf_counter()
+        context, cn_context = unet.prepare_context(states), cn.prepare_context(states)
+        hint = cn.prepare_hint(cond)  # the control image's embedding, once per generation as in the pipeline
+        prepare_s = time.perf_counter() - start
 
-    def bare():
-        return unet(x, t, context, pooled, ids)
+        def bare():
+            return unet(x, t, context, pooled, ids)
 
-    def kolors_cn():
-        down, mid = cn(x, t, cn_context, pooled, ids, hint, 0.7)
-        return unet(x, t, context, pooled, ids, down, mid)
+        def kolors_cn():
+            down, mid = cn(x, t, cn_context, pooled, ids, hint, 0.7)
+            return unet(x, t, context, pooled, ids, down, mid)
 
-    def diffusers_cn():
-        added = dict(text_embeds=pooled, time_ids=ids)
-        down, mid = ref_cn(
-            x, t, ref_cn.encoder_hid_proj(states), cond, 0.7, added_cond_kwargs=added, return_dict=False
-        )
-        return ref_unet(
-            x, t, encoder_hidden_states=states, added_cond_kwargs=added,
-            down_block_additional_residuals=down, mid_block_additional_residual=mid,
-        ).sample  # fmt: skip
+        fns |= {"bare": bare, "kolors+cn": kolors_cn}
+    if side != "kolors":
 
-    cpu: dict[str, list[float]] = {"bare": [], "kolors+cn": [], "diffusers+cn": []}
+        def diffusers_cn():
+            added = dict(text_embeds=pooled, time_ids=ids)
+            down, mid = ref_cn(
+                x, t, ref_cn.encoder_hid_proj(states), cond, 0.7, added_cond_kwargs=added, return_dict=False
+            )
+            return ref_unet(
+                x, t, encoder_hidden_states=states, added_cond_kwargs=added,
+                down_block_additional_residuals=down, mid_block_additional_residual=mid,
+            ).sample  # fmt: skip
+
+        fns["diffusers+cn"] = diffusers_cn
+
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
 
     def with_cpu(name, fn):
         def run():
@@ -290,19 +346,44 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    fns = {"bare": bare, "kolors+cn": kolors_cn, "diffusers+cn": diffusers_cn}
     results = alternate(
         {k: with_cpu(k, f) for k, f in fns.items()}, warmup=args.warmup, repeats=args.repeats, device=device
     )
-    diff = (results["kolors+cn"].output.float() - results["diffusers+cn"].output.float()).abs().max().item()
-    med = {k: r.median for k, r in results.items()}
-    cpu_med = {k: sorted(v[args.warmup :])[len(v[args.warmup :]) // 2] for k, v in cpu.items()}
-    print(f"command: python bench/bench_controlnet.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    times = {k: {"wall": list(r.times), "cpu": cpu[k][args.warmup :]} for k, r in results.items()}
+    return times, {k: r.output for k, r in results.items()}, prepare_s
+
+
+def step_in_processes(args: argparse.Namespace, argv: list[str]) -> None:
+    """--processes N: kolors' side and diffusers' side each in a fresh process, N of each, alternating; every
+    process warms up and times its steps as the single-process run does. The step outputs are compared across
+    the processes (the same seeded weights and inputs on both sides)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = alternate_children(
+            __file__, argv, ["kolors", "diffusers"], warmup=0, repeats=args.processes, workdir=Path(tmp)
+        )
+        outputs = {}
+        for side in runs:
+            outputs |= torch.load(Path(tmp) / f"{side}-0.pt")
+    times: dict[str, dict[str, list[float]]] = {}
+    for side_runs in runs.values():
+        for run in side_runs:
+            for name, t in run.items():
+                for kind in ("wall", "cpu"):
+                    times.setdefault(name, {"wall": [], "cpu": []})[kind] += t[kind]
+    diff = (outputs["kolors+cn"].float() - outputs["diffusers+cn"].float()).abs().max().item()
+    print(f"command: python bench/bench_controlnet.py {' '.join(argv)}")
     print(
-        f"dtype {args.dtype}, latent {args.latent}, threads {torch.get_num_threads()}, prepare_context {prepare_s:.3f} s"
+        f"dtype {args.dtype}, latent {args.latent}, threads {args.threads or 'default'}, "
+        f"{args.processes} process(es) per side, each {args.warmup} warm-up + {args.repeats} timed steps"
     )
-    for k in fns:
-        runs = ", ".join(f"{c:.1f}" for c in cpu[k][args.warmup :])
+    report_steps(args, times, diff)
+
+
+def report_steps(args: argparse.Namespace, times: dict[str, dict[str, list[float]]], diff: float) -> None:
+    med = {k: statistics.median(v["wall"]) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v["cpu"]) for k, v in times.items()}
+    for k in times:
+        runs = ", ".join(f"{c:.1f}" for c in times[k]["cpu"])
         print(f"  {k:<13} median {med[k]:.3f} s   CPU {cpu_med[k]:.3f} s (runs: {runs})")
     ratio = med["diffusers+cn"] / med["kolors+cn"]
     cpu_ratio = cpu_med["diffusers+cn"] / cpu_med["kolors+cn"]

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{list(cfg.transformer_depth)}, {sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters"
         f" ({format_bytes(sum(p.nbytes for p in ours.parameters()))})"
     )
-    from kolors.models.layers import FAST_CPU_DTYPES, pack_weights
+    from kolors.models.layers import pack_weights, packs
     from kolors.models.unet import UNet2DConditionModel
     from kolors.weights import build_on_meta
 
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"compile warm-up (first compiled call, compile included): {first:.1f} s")
     if args.unpacked:
         fns["kolors-unpacked"] = kolors_step(copy_of_ours(), inputs, context)
-    # What the pipeline runs: on the CPU fast path, weights packed once for oneDNN (their own copy).
-    if device.type == "cpu" and dtype in FAST_CPU_DTYPES:
+    # What the pipeline runs: on a CPU, weights packed once for oneDNN (their own copy; float32: the linears).
+    if packs(device, dtype):
         pack_weights(ours)
         shapes += "; kolors' weights packed for oneDNN (a copy), the rest shared by all sides"
     else:

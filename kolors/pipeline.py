@@ -42,7 +42,7 @@ from kolors.memory import PromptCache, parse_memory, prompt_cache_size
 from kolors.models.clip_vision import load_clip_vision_config
 from kolors.models.clip_vision import preprocess as clip_preprocess
 from kolors.models.controlnet import ControlNetModel
-from kolors.models.layers import FAST_CPU_DTYPES
+from kolors.models.layers import packs
 from kolors.models.quant import parse_quant, quant_of
 from kolors.models.text_encoder import ChatGLMModel, TextEncoderConfig
 from kolors.models.tokenizer import ChatGLMTokenizer
@@ -285,7 +285,7 @@ class KolorsPipeline:
         )
         host = torch.device("cpu") if low else device
         # Packed for oneDNN on the CPU fast path; under torch.compile Inductor packs its own.
-        pack = device.type == "cpu" and dtype in FAST_CPU_DTYPES and not compile
+        pack = packs(device, dtype) and not compile
         unet_file = None if unet is None else Path(unet).expanduser()
         unet_model = load_unet(
             root / "unet", dtype=dtype, device=host, variant=variant, pack=pack, file=unet_file

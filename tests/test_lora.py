@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import kolors.pipeline
 from kolors import KolorsError, KolorsPipeline
 from kolors.config import load_config
 from kolors.models.sgm import sgm_blocks
@@ -340,29 +341,37 @@ def test_int8_text_encoder_with_a_unet_lora(lora_pipe, tiny_model_dir, loras):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
-def test_loras_on_packed_weights(lora_pipe, tiny_model_dir, loras):
-    """The CPU fast path's packed weights (oneDNN's layout; the pipeline packs them for bf16 where the CPU has it,
-    packed here in float32, which any x86 CPU runs): the terms join the packed linears, convolutions and GEGLU
-    projections through the same seam; fusing reads the plain weights again and packs the sums; unfusing puts
-    the very same packed tensors back."""
-    from kolors.models.layers import pack_weights
+def test_loras_on_packed_weights(tiny_model_dir, loras, monkeypatch):
+    """Packed weights (oneDNN's layout: the pipeline packs every one for bf16 where the CPU has it, the linears
+    for float32 on x86; the convolutions are packed here too, in float32, which any x86 CPU runs) against plain
+    ones: the terms join the packed linears, convolutions and GEGLU projections through the same seam; fusing
+    reads the plain weights again and packs the sums; unfusing puts the very same packed tensors back."""
+    from kolors.models.layers import Conv2d, pack_weights
 
     packed = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
-    packed.set_progress_bar_config(disable=True)
-    pack_weights(packed.unet)
-    assert packed.unet.conv_in.weight.is_mkldnn
-    for p in (packed, lora_pipe):
+    pack_weights(
+        packed.unet
+    )  # the linears, where from_pretrained has not; float32's pass leaves convolutions
+    for conv in (m for m in packed.unet.modules() if isinstance(m, Conv2d)):
+        conv.pack()
+    monkeypatch.setattr(kolors.pipeline, "packs", lambda device, dtype: False)
+    plain = KolorsPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32, device="cpu")
+    assert packed.unet.conv_in.weight.is_mkldnn and not plain.unet.conv_in.weight.is_mkldnn
+    assert not plain.unet.down_blocks[1].attentions[0].proj_in.weight.is_mkldnn
+    for p in (packed, plain):
+        p.set_progress_bar_config(disable=True)
+    for p in (packed, plain):
         p.load_lora_weights(loras["ink"], adapter_name="ink")
         p.load_lora_weights(loras["locon"], adapter_name="locon")  # convolutions, GEGLU's proj, ff.net.2
         p.set_adapters(["ink", "locon"], adapter_weights=[0.6, 1.0])
     before = images(packed)
-    assert_close(before, images(lora_pipe))
+    assert_close(before, images(plain))
     tensors = dict(packed.unet.named_buffers()) | dict(packed.unet.named_parameters())
-    for p in (packed, lora_pipe):
+    for p in (packed, plain):
         p.fuse_lora(lora_scale=0.9)
     assert packed.unet.down_blocks[1].attentions[0].proj_in.weight.is_mkldnn  # packed again after the sum
-    assert_close(images(packed), images(lora_pipe))
-    for p in (packed, lora_pipe):
+    assert_close(images(packed), images(plain))
+    for p in (packed, plain):
         p.unfuse_lora()
     after = dict(packed.unet.named_buffers()) | dict(packed.unet.named_parameters())
     assert after.keys() == tensors.keys() and all(after[k] is v for k, v in tensors.items())
@@ -527,7 +536,12 @@ def sgm_unet_state(unet, config: UNetConfig) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_single_file_unet_in_sgm_or_diffusers_keys(tiny_model_dir, reference_pipeline, tmp_path, dtype):
+def test_single_file_unet_in_sgm_or_diffusers_keys(
+    tiny_model_dir, reference_pipeline, tmp_path, dtype, monkeypatch
+):
+    monkeypatch.setattr(
+        kolors.pipeline, "packs", lambda device, dtype: False
+    )  # every weight in the state_dict
     unet = reference_pipeline.unet
     sgm = sgm_unet_state(unet, load_config(UNetConfig, tiny_model_dir / "unet" / "config.json"))
     assert "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight" in sgm

@@ -143,6 +143,32 @@ def test_small_attention_matches_sdpa(monkeypatch, queries, keys, matmuls):
     assert (layers.attention(q, k, v) - sdpa(q, k, v)).abs().max().item() < 1e-5
 
 
+@pytest.mark.skipif(torch.float32 not in layers.PACKED_DTYPES, reason="float32 is packed on x86 CPUs with oneDNN")
+def test_float32_packs_its_linears_only_and_matches_diffusers(models):
+    """What the pipeline does in float32 on x86: the linears and GEGLU's halves packed for oneDNN, the
+    convolutions left plain (packed for one input size they ran several times slower at another); diffusers'
+    output within float32 rounding, at a size other than the packing hint, directly and through the context
+    cache. A second pass over packed weights changes nothing."""
+    ref, ours = models
+    packed = copy.deepcopy(ours)
+    pack_weights(packed)
+    buffers = dict(packed.named_buffers())
+    pack_weights(packed)
+    assert all(buffers[k] is v for k, v in packed.named_buffers())
+    assert all(m.weight.is_mkldnn for m in packed.modules() if isinstance(m, layers.Linear))
+    assert all(m.packed_value is not None for m in packed.modules() if isinstance(m, unet.GEGLU))
+    assert not any(m.weight.is_mkldnn for m in packed.modules() if isinstance(m, layers.Conv2d))
+    inputs = make_inputs(3, 10, 14)
+    expected, actual = run_both(ref, packed, inputs)
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= 1e-5 * scale
+    with torch.no_grad():
+        cached = packed(
+            **inputs | dict(encoder_hidden_states=packed.prepare_context(inputs["encoder_hidden_states"]))
+        )
+    assert (cached - expected).abs().max().item() <= 1e-5 * scale
+
+
 @pytest.mark.skipif(torch.bfloat16 not in FAST_CPU_DTYPES, reason="oneDNN's fused bf16 linear is unavailable")
 def test_fused_linears_match_diffusers_in_float32(models, monkeypatch):
     """The CPU fast path (bias, residual, GEGLU inside oneDNN matmuls; channels-last), switched on for

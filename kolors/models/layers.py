@@ -5,7 +5,7 @@ the one Inductor emits), which applies the bias, a residual add or a GELU inside
 extra passes over its output, and channels-last activations. Same results up to rounding (one rounding of
 a fused output instead of two); float32 keeps diffusers' exact sequence of operations.
 
-Packing (`pack_weights`) is a separate pass over a loaded model, as gpt-fast swaps in int8 layers: every module
+Packing (`pack_weights`, also for float32's linears: PACKED_DTYPES) is a separate pass over a loaded model, as gpt-fast swaps in int8 layers: every module
 with a `pack()` method reorders its weight into oneDNN's blocked layout for this CPU, once, instead of oneDNN
 reordering it at every call. A model is loaded plain; the pipeline then packs it, or has the loader apply the same
 pass to each weight as it arrives (`packer`), so that the plain and packed weights never both exist.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import platform
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,23 @@ FAST_CPU_DTYPES: set[torch.dtype] = (
     and mkldnn._is_mkldnn_bf16_supported()
     else set()
 )
+
+
+# Dtypes whose linear weights the pack pass packs on the CPU. float32 too on x86, where oneDNN's packed fp32 matmul
+# runs the UNet's linears 10-25% faster than F.linear (BENCHMARKS.md): the linears only, with everything else on
+# float32's plain path (its convolutions packed for one input size ran several times slower at another).
+PACKED_DTYPES: set[torch.dtype] = FAST_CPU_DTYPES | (
+    {torch.float32}
+    if torch.backends.mkldnn.is_available()
+    and hasattr(mkldnn, "_linear_pointwise")
+    and platform.machine().lower() in ("x86_64", "amd64")
+    else set()
+)
+
+
+def packs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether models loaded for `device` in `dtype` get packed weights (`pack_weights`, `packer`)."""
+    return device.type == "cpu" and dtype in PACKED_DTYPES
 
 
 def fast_cpu(x: Tensor) -> bool:
@@ -180,14 +198,29 @@ def packable(model: nn.Module) -> dict[str, Callable[[], None]]:
     }
 
 
+def _pack_if_it_pays(model: nn.Module, key: str, pack: Callable[[], None]) -> None:
+    try:
+        weight = model.get_parameter(key)
+    except AttributeError:  # packed already (a buffer now, or gone): the pass can run twice
+        return
+    if _pays(pack.__self__, weight.dtype):
+        pack()
+
+
+def _pays(module: nn.Module, dtype: torch.dtype) -> bool:
+    # float32 convolutions stay plain: packed for one input size, they ran several times slower at another
+    # (BENCHMARKS.md), and their plain path is as fast as the packed one at the size it was packed for.
+    return not (isinstance(module, Conv2d) and dtype not in FAST_CPU_DTYPES)
+
+
 def pack_weights(model: nn.Module) -> None:
     """Pack every per-step convolution and matmul weight of a loaded model into oneDNN's layout for this CPU:
-    identical results, a faster step (BENCHMARKS.md). For the CPU fast path only (bf16 on a CPU with oneDNN,
-    not under torch.compile), and one way: the packed weights leave the state_dict, so a step that changes
+    identical results up to rounding, a faster step (BENCHMARKS.md). For the dtypes of PACKED_DTYPES on a CPU
+    (float32 packs its linears only), not under torch.compile, and one way: the packed weights leave the state_dict, so a step that changes
     weights (an adapter) runs before this pass. Weights that run once per call (a text projection, the time
     MLPs) are PlainLinear and stay as they are."""
-    for pack in packable(model).values():
-        pack()
+    for key, pack in packable(model).items():
+        _pack_if_it_pays(model, key, pack)
         return_freed_memory()  # else the freed plain weights stay resident
 
 
@@ -201,7 +234,7 @@ def packer(model: nn.Module) -> Callable[[str], None]:
         nonlocal freed
         if key in packs:
             freed += model.get_parameter(key).nbytes
-            packs[key]()
+            _pack_if_it_pays(model, key, packs[key])
             if freed >= PACK_TRIM_BYTES:
                 return_freed_memory()
                 freed = 0
