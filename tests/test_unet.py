@@ -143,7 +143,9 @@ def test_small_attention_matches_sdpa(monkeypatch, queries, keys, matmuls):
     assert (layers.attention(q, k, v) - sdpa(q, k, v)).abs().max().item() < 1e-5
 
 
-@pytest.mark.skipif(torch.float32 not in layers.PACKED_DTYPES, reason="float32 is packed on x86 CPUs with oneDNN")
+@pytest.mark.skipif(
+    torch.float32 not in layers.PACKED_DTYPES, reason="float32 is packed on x86 CPUs with oneDNN"
+)
 def test_float32_packs_its_linears_only_and_matches_diffusers(models):
     """What the pipeline does in float32 on x86: the linears and GEGLU's halves packed for oneDNN, the
     convolutions left plain (packed for one input size they ran several times slower at another); diffusers'
