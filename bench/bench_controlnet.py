@@ -63,6 +63,7 @@ def build_controlnet(ref_unet, dtype: torch.dtype):
     from kolors.models.controlnet import ControlNetConfig, ControlNetModel
     from kolors.weights import build_on_meta
 
+    torch.manual_seed(1)  # from_unet draws the image encoder's first layers: the same in every process
     ref = DiffusersControlNet.from_unet(ref_unet).to(dtype).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(2)
     for conv in [
