@@ -3,11 +3,12 @@
 The CPU fast path, for bf16 on a CPU where oneDNN runs it: linears through oneDNN's fused op (PyTorch's own,
 the one Inductor emits), which applies the bias, a residual add or a GELU inside the matmul instead of in
 extra passes over its output, and channels-last activations. Same results up to rounding (one rounding of
-a fused output instead of two); float32 keeps diffusers' exact sequence of operations.
+a fused output instead of two); float32 keeps diffusers' sequence of operations, with its linears packed on x86.
 
-Packing (`pack_weights`, also for float32's linears: PACKED_DTYPES) is a separate pass over a loaded model, as gpt-fast swaps in int8 layers: every module
+Packing (`pack_weights`) is a separate pass over a loaded model, as gpt-fast swaps in int8 layers: every module
 with a `pack()` method reorders its weight into oneDNN's blocked layout for this CPU, once, instead of oneDNN
-reordering it at every call. A model is loaded plain; the pipeline then packs it, or has the loader apply the same
+reordering it at every call (for the dtypes of PACKED_DTYPES: bf16 where the fast path runs, and float32's
+linears, where a packed matmul also runs with fused bias, residual add or GELU). A model is loaded plain; the pipeline then packs it, or has the loader apply the same
 pass to each weight as it arrives (`packer`), so that the plain and packed weights never both exist.
 
 The adapter seam: every linear and convolution here has a `lora` attribute, None unless an adapter
