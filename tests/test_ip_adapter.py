@@ -285,6 +285,30 @@ def test_sdxl_shapes_do_not_fit(pipe, reference_pipeline, adapter_dir, tmp_path)
     assert pipe.ip_adapter is before  # nothing half-applied
 
 
+def test_adapter_file_not_found_is_one_line(pipe, adapter_dir, monkeypatch):
+    """A missing subfolder, weight_name or file, and a hub repo the cache lacks: one clear line each (the lookup
+    the LoRA loader shares, kolors.weights.hub.find_weight_file)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo, filename, **kwargs):
+        raise LocalEntryNotFoundError("no connection and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    for kwargs, message in [
+        (dict(subfolder="nope"), "adapter folder .*nope not found; check subfolder="),
+        (dict(weight_name="nope.bin"), "adapter file .*nope.bin not found; check weight_name="),
+        (dict(path_or_repo="./missing.bin"), "adapter file not found: ./missing.bin"),
+        (
+            dict(path_or_repo="someone/missing"),
+            "could not get adapter 'someone/missing' from the model hub: no connection",
+        ),
+    ]:
+        with pytest.raises(KolorsError, match=message) as e:
+            pipe.load_ip_adapter(**{"path_or_repo": adapter_dir} | kwargs)
+        assert "\n" not in str(e.value)
+
+
 def test_not_an_adapter_file(pipe, tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not a pickle")
     with pytest.raises(KolorsError, match="truncated or corrupt"):

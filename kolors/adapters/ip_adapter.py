@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from kolors.errors import KolorsError
 from kolors.models.unet import UNet2DConditionModel
+from kolors.weights.hub import find_weight_file
 
 IP_ADAPTER_FILES = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")
 FACEID_FILES = ("ipa-faceid-plus.bin", "ipa-faceid-plus.safetensors")
@@ -175,37 +176,15 @@ def find_adapter_file(
 ) -> Path:
     """The adapter file from a file path, a folder (its `weight_name`, a default name, or its one weight file) or
     a hub repo id (the file downloaded into the huggingface_hub cache)."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        folder = path / subfolder if subfolder else path
-        if weight_name is not None:
-            if not (folder / weight_name).is_file():
-                raise KolorsError(f"adapter file {folder / weight_name} not found; check weight_name=")
-            return folder / weight_name
-        found = [folder / n for n in defaults if (folder / n).is_file()][:1]  # safetensors first
-        found = found or sorted(p for p in folder.iterdir() if p.suffix in ADAPTER_SUFFIXES)
-        if len(found) != 1:
-            names = ", ".join(p.name for p in found) or "no weight file"
-            raise KolorsError(f"adapter folder {folder} has {names}; pass weight_name= to pick the file")
-        return found[0]
-    name = str(path_or_repo)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise KolorsError(
-            f"adapter not found: {name}; pass a .bin or .safetensors file, a folder or a hub repo id"
-        )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        file = weight_name or defaults[0]
-        return Path(
-            hf_hub_download(name, file, subfolder=subfolder or None, revision=revision, library_name="kolors")
-        )
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise KolorsError(f"could not get adapter '{name}' from the model hub: {first_line}") from None
+    return find_weight_file(
+        path_or_repo,
+        what="adapter",
+        defaults=defaults,
+        suffixes=ADAPTER_SUFFIXES,
+        weight_name=weight_name,
+        subfolder=subfolder,
+        revision=revision,
+    )
 
 
 def download_folder(repo: str, folder: str, revision: str | None = None) -> Path:

@@ -34,6 +34,7 @@ from kolors.models.layers import packable
 from kolors.models.sgm import sgm_blocks, sgm_to_diffusers
 from kolors.models.unet import UNetConfig
 from kolors.weights.checkpoint import one_thread
+from kolors.weights.hub import find_weight_file
 
 COMPONENTS = ("unet", "text_encoder")
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -64,31 +65,9 @@ class Adapter:
 def find_lora_file(path_or_repo: str | os.PathLike, weight_name: str | None = None) -> Path:
     """A LoRA file from a file path, a folder (its `weight_name`, diffusers' pytorch_lora_weights.* or its one
     weight file) or a hub repo id (downloaded through huggingface_hub into its cache)."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if weight_name is not None:
-            if not (path / weight_name).is_file():
-                raise KolorsError(f"LoRA file {path / weight_name} not found")
-            return path / weight_name
-        found = [path / n for n in LORA_FILE_NAMES if (path / n).is_file()]
-        found = found or sorted(p for p in path.iterdir() if p.suffix in LORA_SUFFIXES)
-        if len(found) != 1:
-            names = ", ".join(p.name for p in found) or "no weight file"
-            raise KolorsError(f"LoRA folder {path} has {names}; pass weight_name= to pick the file")
-        return found[0]
-    name = str(path_or_repo)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise KolorsError(f"LoRA file not found: {name}; pass a .safetensors file, a folder or a hub repo id")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(name, weight_name or LORA_FILE_NAMES[0], library_name="kolors"))
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise KolorsError(f"could not get LoRA '{name}' from the model hub: {first_line}") from None
+    return find_weight_file(
+        path_or_repo, what="LoRA", defaults=LORA_FILE_NAMES, suffixes=LORA_SUFFIXES, weight_name=weight_name
+    )
 
 
 def read_lora_file(file: Path) -> tuple[dict[str, Tensor], dict | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from kolors.errors import KolorsError
@@ -113,6 +114,53 @@ def _weight_patterns(variant: str | None) -> list[str]:
         f"*/*{v}-*-of-*.bin",
         f"*/*.bin.index{v}.json",
     ]
+
+
+def find_weight_file(
+    path_or_repo: str | os.PathLike,
+    *,
+    what: str,
+    defaults: Sequence[str],
+    suffixes: Collection[str],
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """One weight file (a LoRA's, an adapter's) from a file path; a folder (its `weight_name`, else the first of
+    `defaults` in it, else its one file with one of `suffixes`); or a hub repo id, the file (`weight_name`, else
+    the first default) downloaded into the huggingface_hub cache. `what` names the kind in every error."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise KolorsError(f"{what} folder {folder} not found; check subfolder=")
+        if weight_name is not None:
+            if not (folder / weight_name).is_file():
+                raise KolorsError(f"{what} file {folder / weight_name} not found; check weight_name=")
+            return folder / weight_name
+        found = [folder / n for n in defaults if (folder / n).is_file()][:1]  # the first default there
+        found = found or sorted(p for p in folder.iterdir() if p.suffix in suffixes)
+        if len(found) != 1:
+            names = ", ".join(p.name for p in found) or "no weight file"
+            raise KolorsError(f"{what} folder {folder} has {names}; pass weight_name= to pick the file")
+        return found[0]
+    name = str(path_or_repo)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        kinds = " or ".join(sorted({Path(d).suffix for d in defaults}))
+        raise KolorsError(f"{what} file not found: {name}; pass a {kinds} file, a folder or a hub repo id")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        file = weight_name or defaults[0]
+        return Path(
+            hf_hub_download(name, file, subfolder=subfolder or None, revision=revision, library_name="kolors")
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KolorsError(f"could not get {what} '{name}' from the model hub: {first_line}") from None
 
 
 def check_model_folder(root: Path) -> None:
