@@ -97,6 +97,33 @@ def test_openai_face_fields(client, pipe, face_png):  # noqa: F811
     assert r.status_code == 400 and "antelopev2" in r.json()["error"]["message"], r.text
 
 
+def test_openai_edits_take_the_face_and_its_embedding(client, pipe, face_png, tmp_path):  # noqa: F811
+    """The multipart edits route: face_image as a file, face_embeds as a JSON list in a form field."""
+    from tests.server_helpers import decode_png
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(init)
+    crop, ids = Image.open(face_png).convert("RGB"), face_embedding(5)
+    data = {"prompt": "a portrait", "steps": "2", "seed": "3", "face_scale": "0.6"}
+    data["face_embeds"] = json.dumps(ids.tolist())
+    files = {
+        "image": ("init.png", init.read_bytes(), "image/png"),
+        "face_image": ("face.png", face_png.read_bytes(), "image/png"),
+    }
+    r = client.post("/v1/images/edits", data=data, files=files)
+    assert r.status_code == 200, r.text
+    image = decode_png(r.json()["data"][0]["b64_json"])
+    assert "FaceID: ipa-faceid-plus, FaceID scale: 0.6" in image.text["parameters"]
+    pipe.set_faceid_scale(0.6)
+    expected = pipe(
+        "a portrait", image=Image.open(init), strength=0.75, seed=3, face_image=crop, face_embeds=ids, **SMALL
+    ).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+    for bad in ("[0.5, ", '{"a": 1}', '["x"]', json.dumps([0.0] * 3)):
+        r = client.post("/v1/images/edits", data={**data, "face_embeds": bad}, files=files)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "face_embeds", r.text
+
+
 def face_unit(image: str, **extra) -> dict:
     """A FaceID unit as webuiapi's ControlNetUnit(...).to_dict() sends it."""
     return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -101,6 +102,21 @@ IMAGE_PROMPTS = {
 }
 
 
+def form_numbers(text: str | None, field: str) -> list[float] | None:
+    """A list of numbers sent as JSON in a multipart form field (a form has no arrays of its own)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        raise RequestError(field, f"{field} must be a JSON list of numbers, e.g. [0.1, -0.2, ...]", 400)
+    return [float(v) for v in values]
+
+
 async def reference_image(data: str | UploadFile | None, request: Request, field: str = "ip_adapter_image"):
     """The decoded image of an image-prompt field (Kolors' extension fields ip_adapter_image and face_image:
     base64 in JSON, a file in the multipart edits route), or None."""
@@ -180,6 +196,13 @@ async def edits(
     face_scale: Annotated[
         float | None, Form(ge=0, le=10, allow_inf_nan=False, description="its weight (default 0.8)")
     ] = None,
+    face_embeds: Annotated[
+        str | None,
+        Form(
+            description="insightface's 512-d embedding of the face as a JSON list, with face_image the face "
+            "crop: no face detection"
+        ),
+    ] = None,
 ) -> OpenAIImagesResponse:
     """Image to image in OpenAI's multipart form: `image` and `prompt`, plus Kolors' fields and `strength`;
     with `mask`, inpainting; with `ip_adapter_image` or `face_image`, image prompts as in generations."""
@@ -214,6 +237,7 @@ async def edits(
         ip_scale=ip_adapter_scale,
         face_image=await reference_image(face_image, request, "face_image"),
         face_scale=face_scale,
+        face_embeds=form_numbers(face_embeds, "face_embeds"),
         **inpaint,
     )
     return await respond(request, call, response_format)
