@@ -63,6 +63,7 @@ from bench.common import (  # noqa: E402
     reset_peak_rss,
     rss,
     setup,
+    sync,
 )
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -87,12 +88,15 @@ def write_lora(
     return path
 
 
-def time_switches(switch, sets, cpu: list[float] | None = None) -> list[float]:
+def time_switches(
+    switch, sets, cpu: list[float] | None = None, device: torch.device | str = "cpu"
+) -> list[float]:
     """Wall seconds of each of SWITCHES switches (and their CPU seconds appended to `cpu`)."""
     times = []
     for i in range(SWITCHES):
         start, start_cpu = time.perf_counter(), time.process_time()
         switch(*sets[i % 2])
+        sync(device)  # a GPU's switch has only been queued
         times.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - start_cpu)
@@ -164,13 +168,14 @@ def child(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     loaded = rss()
     reset_peak_rss()
     switches_cpu: list[float] = []
-    switches = time_switches(switch, SWITCH_SETS, switches_cpu)
+    switches = time_switches(switch, SWITCH_SETS, switches_cpu, device)
     peak, after = peak_rss(), rss()
     unload()
     loads, loads_cpu, unloads = [], [], []
     for _ in range(args.loads):
         start, start_cpu = time.perf_counter(), time.process_time()
         load(files / "big.safetensors", "big")
+        sync(device)
         loads.append(time.perf_counter() - start)
         loads_cpu.append(time.process_time() - start_cpu)
         start = time.perf_counter()
@@ -313,6 +318,7 @@ def step_part(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         loras.set_enabled(True)
         start = time.perf_counter()
         loras.fuse()
+        sync(device)
         fuse_s.append(time.perf_counter() - start)
         return kolors_step(unet, inputs, lora_context)
 
@@ -326,6 +332,7 @@ def step_part(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             step = variants[name]()
             start_cpu, start = time.process_time(), time.perf_counter()
             outputs[name] = step()
+            sync(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             loras.unfuse()

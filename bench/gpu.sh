@@ -11,10 +11,12 @@
 #   unet      one full-size UNet step at 128x128 latents (1024 px) with CFG, fp16, eager and torch.compile
 #   encode    encode_prompt at full ChatGLM3 size, fp16, diffusers against kolors
 #   quant     the int8 and int4 text encoders against fp16 at full size: time, bytes, deviation
-# Adapter steps, not in the default list (ask for them: STEPS="controlnet ipadapter train" bash bench/gpu.sh):
+# Adapter steps, not in the default list (ask for them: STEPS="weights controlnet ipadapter train lora" bash bench/gpu.sh):
 #   controlnet  one full-size step with a ControlNet at 128x128 latents, fp16: diffusers, kolors, the bare step
 #   ipadapter   one full-size step with IP-Adapter-Plus at 128x128 latents, fp16, and the image encoder's time
 #   train       LoRA training at 1024x1024, batch 1, bf16, gradient checkpointing: seconds per step, peak memory
+#   lora        LoRAs on the full UNet in $MODEL, fp16: switching and loading beside diffusers (a process per
+#               side), then the step at 128x128 latents with an unfused and a fused rank-32 LoRA
 # Needs a CUDA build of torch, diffusers and transformers (the test extra) and the Kolors reference folder
 # ($KOLORS_REFERENCE, default ../shared/kolors-reference). Weights: 17.8 GB in $MODEL (default /dev/shm, or /tmp).
 set -u
@@ -75,5 +77,8 @@ has controlnet && step controlnet 300 $PY bench/bench_controlnet.py --device cud
     --warmup 3 --repeats 10
 has ipadapter && step ipadapter 300 $PY bench/bench_ip_adapter.py --device cuda --dtype float16 --latent 128 \
     --warmup 3 --repeats 10
+has lora && step lora 400 bash -c '"$0" bench/bench_lora.py --model "$1" --part switch --device cuda \
+    --dtype float16 --repeats 3 && "$0" bench/bench_lora.py --model "$1" --part step --device cuda \
+    --dtype float16 --latent 128 --repeats 5' "$PY" "$MODEL"
 has train && step train 400 $PY bench/bench_train_lora.py --device cuda --dtype bfloat16 --resolution 1024 --steps 5
 exit 0
