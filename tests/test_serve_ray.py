@@ -519,7 +519,7 @@ def test_a_local_ray_serves_on_the_ingress_port_without_the_proxy_hop(tiny_model
 
     cluster, seen = FakeCluster({"CPU": 2.0}), {}
     cluster.ray.init = lambda address=None: seen.update(
-        {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_") and "DIRECT_INGRESS" in k}
+        {k: v for k, v in os.environ.items() if k in on_ray.direct_ingress_env(7861)}
     )
     cluster.serve.start = lambda http_options: seen.update(proxy=http_options["port"])
     monkeypatch.setattr(on_ray, "require_serve", lambda: (cluster.ray, cluster.serve))
@@ -537,6 +537,7 @@ def test_a_local_ray_serves_on_the_ingress_port_without_the_proxy_hop(tiny_model
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "7861",
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "7862",
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
         }
     else:
         assert seen == {"proxy": 7861}

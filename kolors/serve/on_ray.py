@@ -475,6 +475,9 @@ def direct_ingress_env(port: int) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
         # how long a stopping ingress keeps answering for a load balancer to notice (30 s): none in front here
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # how long a released port stays out of the range (150 s, for HAProxy's workers to forget it): a
+        # restarted ingress needs its one port back at once
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
     }
 
 
