@@ -11,7 +11,9 @@ and the Ray app (then the other way round) so that a noisy machine slows both al
 `--requests` A1111 txt2img requests, `--concurrency` at a time, and times them to the last answer: images per
 minute, the median and spread (min-max) over the rounds. The overhead is the median latency of one request at
 a time on 1 replica minus the single-process server's, over `--overhead-requests` requests alternating between
-the two (the image work is the same: same model, size, steps and thread count). Needs ray[serve]; this
+the two (the image work is the same: same model, size, steps and thread count). The Ray app is reached on the
+ingress's own port (Serve's direct ingress, as `kolors serve --ray` sets up the local Ray it starts), or with
+`--via-proxy` through Serve's proxy, the way on a cluster. Needs ray[serve]; this
 process and the replicas hold the model up to three times: run a mid-size model under the machine's heavy-run
 lock.
 """
