@@ -15,7 +15,7 @@ carries nothing back to a replica), which the replica reads at each step: it the
 as far as it got, so the answer has the running call's partial image, as AUTOMATIC1111's does.
 
 On a Ray it starts, `run` turns on Serve's direct ingress: the ingress answers HTTP on the server's port itself,
-and requests skip the hop through Serve's proxy (about 20 ms of the 46 ms Ray added a request; BENCHMARKS.md).
+and requests skip the hop through Serve's proxy (15-21 ms of the 46-53 ms Ray added a request; BENCHMARKS.md).
 """
 
 from __future__ import annotations
