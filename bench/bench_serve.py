@@ -11,7 +11,9 @@ and the Ray app (then the other way round) so that a noisy machine slows both al
 `--requests` A1111 txt2img requests, `--concurrency` at a time, and times them to the last answer: images per
 minute, the median and spread (min-max) over the rounds. The overhead is the median latency of one request at
 a time on 1 replica minus the single-process server's, over `--overhead-requests` requests alternating between
-the two (the image work is the same: same model, size, steps and thread count). Needs ray[serve]; this
+the two (the image work is the same: same model, size, steps and thread count). The Ray app is reached on the
+ingress's own port (Serve's direct ingress, as `kolors serve --ray` sets up the local Ray it starts), or with
+`--via-proxy` through Serve's proxy, the way on a cluster. Needs ray[serve]; this
 process and the replicas hold the model up to three times: run a mid-size model under the machine's heavy-run
 lock.
 """
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per server")
     parser.add_argument("--replicas", default="1,2", help="the replica counts to deploy")
     parser.add_argument("--overhead-requests", type=int, default=20)
+    parser.add_argument(
+        "--via-proxy",
+        action="store_true",
+        help="through Serve's proxy (as on a cluster) instead of the ingress's own port (a local `kolors serve "
+        "--ray`)",
+    )
     args = parser.parse_args(argv)
 
     import ray
@@ -102,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{os.cpu_count()} CPUs; {args.requests} requests a round, {args.concurrency} at a time, {args.repeats} rounds"
     )
+    print("ray: through Serve's proxy" if args.via_proxy else "ray: the ingress's own port (direct ingress)")
+    port = free_port()
+    if not args.via_proxy:  # as `kolors serve --ray` sets up the local Ray it starts
+        direct_port = port
+        os.environ.update(on_ray.direct_ingress_env(direct_port))
+        port = free_port()
     ray.init(
         num_cpus=max(counts),  # logical: one per replica (the ingress reserves none); the machine has 2
         include_dashboard=False,
@@ -111,9 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     try:
-        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        ray_base = f"http://127.0.0.1:{port}"
+        ray_base = f"http://127.0.0.1:{port if args.via_proxy else direct_port}"
         pipe = KolorsPipeline.from_pretrained(args.model, dtype=torch.float32, device="cpu")
         rates: dict[str, list[float]] = {"single process": []}
         latency: dict[str, list[float]] = {"local": [], "ray": []}

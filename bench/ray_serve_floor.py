@@ -6,8 +6,17 @@ server in-process. Medians of 60 requests one at a time, two rounds. It tells ho
 reports as "Ray adds" is Ray Serve's own two hops.
 
     python bench/ray_serve_floor.py
+    python bench/ray_serve_floor.py --no-access-log
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 python bench/ray_serve_floor.py
+
+Ray Serve reads its RAY_SERVE_* settings from the environment of each of its processes: set here, they reach the
+local Ray this script starts (its processes inherit this one's environment). With direct ingress on
+(RAY_SERVE_ENABLE_DIRECT_INGRESS=1, or RAY_SERVE_THROUGHPUT_OPTIMIZED=1) the ingress replica serves HTTP on a
+port of its own (from 30000), without the proxy: both ways are timed then.
 """
 
+import argparse
+import os
 import socket
 import statistics
 import threading
@@ -94,21 +103,44 @@ def timeit(url, n=60):
     return statistics.median(ts)
 
 
+def direct_port() -> int | None:
+    """The port a direct-ingress replica listens on (Serve allocates it from 30000), or None."""
+    for port in range(30000, 30100):
+        with socket.socket() as s:
+            s.settimeout(0.05)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return port
+    return None
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-access-log", action="store_true", help="Serve's per-request access log off")
+    args = parser.parse_args()
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
+    print("settings:", settings or "Ray Serve's defaults", "(access log off)" if args.no_access_log else "")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(Ingress.bind(Worker.bind()), route_prefix="/")
+    logging = {"enable_access_log": False} if args.no_access_log else None
+    worker = Worker.options(logging_config=logging) if logging else Worker
+    ingress = Ingress.options(logging_config=logging) if logging else Ingress
+    serve.run(ingress.bind(worker.bind()), route_prefix="/")
     lport = free_port()
     server = uvicorn.Server(uvicorn.Config(local, port=lport, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     time.sleep(2)
+    bases = {"proxy": f"http://127.0.0.1:{port}"}
+    direct = direct_port()
+    if direct is not None:
+        bases["direct"] = f"http://127.0.0.1:{direct}"
     for _ in range(2):
         print(f"local uvicorn /stream      {timeit(f'http://127.0.0.1:{lport}/stream'):.1f} ms")
-        print(f"serve ingress only /none   {timeit(f'http://127.0.0.1:{port}/none'):.1f} ms")
-        print(f"serve + handle call /call  {timeit(f'http://127.0.0.1:{port}/call'):.1f} ms")
-        print(f"serve + stream 3 /stream   {timeit(f'http://127.0.0.1:{port}/stream'):.1f} ms")
-        print(f"serve + stream from thread {timeit(f'http://127.0.0.1:{port}/thread'):.1f} ms")
+        for way, base in bases.items():
+            print(f"{way:>6}: serve ingress only /none   {timeit(f'{base}/none'):.1f} ms")
+            print(f"{way:>6}: serve + handle call /call  {timeit(f'{base}/call'):.1f} ms")
+            print(f"{way:>6}: serve + stream 3 /stream   {timeit(f'{base}/stream'):.1f} ms")
+            print(f"{way:>6}: serve + stream from thread {timeit(f'{base}/thread'):.1f} ms")
     serve.shutdown()
     ray.shutdown()
 

@@ -508,3 +508,36 @@ def test_replicas_that_fail_to_load_are_one_line_at_start(tiny_model_dir, monkey
     assert on_ray.deploy_failure("Deploying application kolors failed: out of memory") == (
         "Deploying application kolors failed: out of memory"
     )
+
+
+@pytest.mark.parametrize("address", [None, "auto"])
+def test_a_local_ray_serves_on_the_ingress_port_without_the_proxy_hop(tiny_model_dir, monkeypatch, address):
+    """A Ray that `kolors serve --ray` starts gets Serve's direct ingress on --port (its processes inherit the
+    settings from ray.init's environment; this process keeps its own), Serve's proxy a port out of its way; a
+    cluster's own settings are left to its nodes."""
+    from kolors.serve import on_ray
+
+    cluster, seen = FakeCluster({"CPU": 2.0}), {}
+    cluster.ray.init = lambda address=None: seen.update(
+        {k: v for k, v in os.environ.items() if k in on_ray.direct_ingress_env(7861)}
+    )
+    cluster.serve.start = lambda http_options: seen.update(proxy=http_options["port"])
+    monkeypatch.setattr(on_ray, "require_serve", lambda: (cluster.ray, cluster.serve))
+    monkeypatch.setattr(on_ray, "check_address", lambda address: None)
+    monkeypatch.setattr(on_ray, "build", lambda *args: "app")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+    config, scaling, before = ServerConfig(**LIMITS), Scaling(), dict(os.environ)
+    with pytest.raises(KeyboardInterrupt):  # FakeCluster's serve.run: deployed
+        on_ray.run({"model": str(tiny_model_dir)}, [], config, scaling, address=address, port=7861)
+    assert dict(os.environ) == before
+    if address is None:
+        assert seen.pop("proxy") != 7861
+        assert seen == {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "7861",
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "7862",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        }
+    else:
+        assert seen == {"proxy": 7861}

@@ -1,6 +1,6 @@
 """`kolors serve --ray` on a real local Ray (num_cpus=2): the tiny model on two CPU replicas behind the ingress,
-deployed once for the module as `serve run kolors.serve.on_ray:app` deploys it, beside the single-process server
-over the same weights. Skipped where Ray Serve is not installed (the test extra has it: ray[serve]).
+deployed once for the module as `serve run kolors.serve.on_ray:app` deploys it, on a Ray started with Serve's
+direct ingress as `kolors serve --ray` starts one, beside the single-process server over the same weights. Skipped where Ray Serve is not installed (the test extra has it: ray[serve]).
 
 The default run (CI's) starts Ray and checks the images and the 429s: about 80 s here, most of it Ray and the
 replicas starting. `-m slow` adds per-task progress and interrupt across replicas and a replica killed mid-run
@@ -45,24 +45,29 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def on_ray_base(tiny_model_dir):
-    """The base URL of the app on Ray Serve: 2 replicas of half a CPU each (one torch thread, as here)."""
+def ray_bases(tiny_model_dir):
+    """The base URLs of the app on Ray Serve, 2 replicas of half a CPU each (one torch thread, as here): the
+    ingress's own port, as `kolors serve --ray` sets up a local Ray (Serve's direct ingress), and Serve's proxy,
+    the way on a cluster."""
     root = str(Path(__file__).resolve().parents[1])  # the replicas import this checkout's kolors
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=80 * 2**20,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}},
-    )
+    direct, port = free_port(), free_port()
+    with on_ray.environ(on_ray.direct_ingress_env(direct)):
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=80 * 2**20,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+            },
+        )
     try:
         # as `serve run kolors.serve.on_ray:app key=value ...` and a RayService pass them: strings
         options = dict(model=str(tiny_model_dir), dtype="float32", device="cpu", replicas="2")
         limits = {k: str(v) for k, v in LIMITS.items()}
-        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(on_ray.app({**options, "cpus_per_replica": "0.5", **limits}), name=on_ray.APP_NAME)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{direct}", f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -102,12 +107,23 @@ def a1111_info(answer: dict) -> dict:
     return {k: v for k, v in json.loads(answer["info"]).items() if k != "job_timestamp"}
 
 
-def test_the_openai_client_and_a1111_json_get_the_single_process_images(on_ray_base, local_base):
+@pytest.fixture(scope="module")
+def on_ray_base(ray_bases):
+    return ray_bases[0]
+
+
+def test_the_openai_client_and_a1111_json_get_the_single_process_images(ray_bases, local_base):
     openai = pytest.importorskip("openai")
+    on_ray_base, through_proxy = ray_bases
     ready = httpx.get(f"{on_ray_base}/ready", timeout=WAIT_S)
     assert ready.status_code == 200 and ready.json()["replicas"] == {"RUNNING": 2}, ready.text
     for path in ("/", "/docs", "/health"):
         assert httpx.get(f"{on_ray_base}{path}", timeout=WAIT_S).status_code == 200
+    # the way on a cluster, Serve's proxy, answers the same
+    via_proxy, direct = (
+        post(base, "/sdapi/v1/txt2img", BODY).json() for base in (through_proxy, on_ray_base)
+    )
+    assert via_proxy["images"] == direct["images"] and a1111_info(via_proxy) == a1111_info(direct)
 
     def openai_images(base):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)

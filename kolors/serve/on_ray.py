@@ -7,22 +7,27 @@ the key, the 429s and the errors of a single-process server, and each of its wor
 replicas through a DeploymentHandle instead of running it. Ray Serve spreads those calls over the replicas and,
 with autoscaling, adds replicas while calls wait.
 
-A call streams its steps back to the ingress, so /sdapi/v1/progress and /internal/progress move per step with
-previews as on one machine: the ingress's queue holds every job, so it knows which replica runs which task.
+A call streams its steps back to the ingress (the latest at most every PROGRESS_S), so /sdapi/v1/progress and
+/internal/progress move with previews as on one machine: the ingress's queue holds every job, so it knows which replica runs which task.
 A client gone cancels the stream, which stops the replica after its current step. An A1111 interrupt instead
 sets the call's flag in Ray's key-value store (the GCS, which the ingress and every replica reach; a stream
 carries nothing back to a replica), which the replica reads at each step: it then stops and decodes the image
 as far as it got, so the answer has the running call's partial image, as AUTOMATIC1111's does.
+
+On a Ray it starts, `run` turns on Serve's direct ingress: the ingress answers HTTP on the server's port itself,
+and requests skip the hop through Serve's proxy (15-21 ms of the 46-53 ms Ray added a request; BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -36,8 +41,9 @@ from kolors.serve.schemas import ServerConfig
 log = logging.getLogger("kolors.server")
 
 INSTALL = 'pip install "kolors[ray]"'
-OLDEST_RAY = (2, 56)
-STOP_POLL_S = 0.2  # how often a replica reads its running call's interrupt flag, at most  # serve.ingress() with __serve_build_asgi_app__, which the ingress uses
+OLDEST_RAY = (2, 56)  # serve.ingress() with __serve_build_asgi_app__, which the ingress uses
+STOP_POLL_S = 0.2  # how often a replica reads its running call's interrupt flag, at most
+PROGRESS_S = 0.25  # how often a replica sends its call's progress, at most (A1111's pages poll every 0.5-1 s)
 APP_NAME = "kolors"
 REPLICA = "KolorsReplica"
 INGRESS = "KolorsIngress"
@@ -198,10 +204,10 @@ class Replica:
         )
 
     async def stream(self, request: GenerationRequest, preview_every: int = 1, key: str | None = None):
-        """One pipeline call as events: ("step", step, steps, first image's denoised latents or None) after
-        each step, then ("done", generate's list) or ("error", is_kolors_error, one line). Ray Serve cancels
-        this generator when the ingress cancels the call (a client gone): the call then stops after its current
-        step. An interrupt of the call's `key` (Stops) stops it there too, with its images as far as they got."""
+        """One pipeline call as events: ("step", step, steps, first image's denoised latents or None) for its
+        latest step at most every PROGRESS_S, then ("done", generate's list) or ("error", is_kolors_error, one
+        line). Ray Serve cancels this generator when the ingress cancels the call (a client gone): the call then
+        stops after its current step. An interrupt of the call's `key` (Stops) stops it there too, with its images as far as they got."""
         from kolors.pipeline import StopSampling, generate, lora_hashes
         from kolors.serve.jobs import Interrupted
 
@@ -242,10 +248,23 @@ class Replica:
 
         task = loop.run_in_executor(None, work)
         try:
+            # Each event sent costs both ends a few milliseconds of CPU, taken from the steps on a busy machine:
+            # a step waits until PROGRESS_S after the last event sent, and is dropped for a newer step or the
+            # answer that comes first. A call faster than that sends only its answer; a slower one every step.
+            sent, held = loop.time(), None  # held: the latest step not sent yet
             while True:
-                event = await events.get()
-                while event[0] == "step" and not events.empty():  # a slow reader gets the latest step only
-                    event = events.get_nowait()
+                wait = None if held is None else max(0.0, sent + PROGRESS_S - loop.time())
+                try:
+                    event = await asyncio.wait_for(events.get(), wait)
+                except TimeoutError:
+                    event, held = held, None
+                else:
+                    while event[0] == "step" and not events.empty():  # a slow reader gets the latest only
+                        event = events.get_nowait()
+                    if event[0] == "step" and loop.time() - sent < PROGRESS_S:
+                        held = event
+                        continue
+                sent = loop.time()
                 yield event
                 if event[0] != "step":
                     return
@@ -443,6 +462,47 @@ def deploy_failure(message: str) -> str:
     return lines[-1] if lines else "no reason given"
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's settings for a Ray that `kolors serve --ray` starts itself: the ingress replica serves HTTP on
+    `port` itself (Serve's direct ingress, Ray 2.56+) instead of behind Serve's proxy, which costs every request
+    a hop through one more process (about 10 ms on a 2-core machine, and a second round trip for its body; see
+    BENCHMARKS.md). Serve reads them from the environment of its processes when they start; a local Ray's
+    processes inherit this one's."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        # the range the ingress replica's port is taken from: exactly --port (the end is exclusive)
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        # how long a stopping ingress keeps answering for a load balancer to notice (30 s): none in front here
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        # how long a released port stays out of the range (150 s, for HAProxy's workers to forget it): a
+        # restarted ingress needs its one port back at once
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+@contextmanager
+def environ(settings: dict[str, str]):
+    """`settings` in os.environ while the block runs, then as before."""
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def run(
     model_options: dict,
     controlnets: list[tuple[str, str]],
@@ -453,15 +513,22 @@ def run(
     host: str = "127.0.0.1",
     port: int = 7860,
 ) -> None:
-    """Deploy on the cluster at `address` (None: a new local one) and serve until Ctrl-C."""
+    """Deploy on the cluster at `address` (None: a new local one) and serve until Ctrl-C. On a new local Ray the
+    ingress answers on `port` itself (direct_ingress_env) unless RAY_SERVE_ENABLE_DIRECT_INGRESS=0 is set; on a
+    cluster, Serve's proxy does, as its nodes' `ray start` environment decides."""
     config.check()
     scaling.check()
     ray, serve = require_serve()
     check_address(address)
-    ray.init(address=address)
+    settings, proxy_port = {}, port
+    if address is None and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1") != "0":
+        settings = direct_ingress_env(port)
+        proxy_port = free_port(host)  # Serve still starts its proxy on the head: out of the ingress's way
+    with environ(settings):  # the local Ray's processes start here, with them; this process keeps its own
+        ray.init(address=address)
     try:
         scaling.check_fits(ray.cluster_resources())
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": proxy_port})
         serve.run(
             build(model_options, controlnets, config, scaling),
             name=APP_NAME,
