@@ -3,14 +3,15 @@ deployed once for the module as `serve run kolors.serve.on_ray:app` deploys it, 
 direct ingress as `kolors serve --ray` starts one, beside the single-process server over the same weights. Skipped where Ray Serve is not installed (the test extra has it: ray[serve]).
 
 The default run (CI's) starts Ray and checks the images and the 429s: about 80 s here, most of it Ray and the
-replicas starting. `-m slow` adds per-task progress and interrupt across replicas and a replica killed mid-run
-(about 60 s more); `pytest -m "slow or not slow" tests/test_serve_ray_live.py` runs all four in one Ray."""
+replicas starting. `-m slow` adds per-task progress and interrupt across replicas, a client hanging up and a
+replica killed mid-run (about 75 s more); `pytest -m "slow or not slow" tests/test_serve_ray_live.py` runs all four in one Ray."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -188,6 +189,44 @@ def test_progress_and_interrupt_reach_the_right_job(on_ray_base, local_base):
     assert task(on_ray_base, "older")["completed"] and stopped_at < ENDLESS["steps"]
     assert finished.status_code == 200, finished.text
     same_pngs(finished.json()["images"], post(local_base, "/sdapi/v1/txt2img", newer).json()["images"])
+
+
+def replica_cpu_seconds() -> float:
+    """CPU seconds used so far by the replicas' processes (Ray titles them after their deployment)."""
+    total = 0.0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if on_ray.REPLICA.encode() in cmdline.read_bytes():
+                fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except OSError:  # a process gone meanwhile
+            continue
+    return total
+
+
+@pytest.mark.slow  # 10 s here
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the replicas' CPU time from /proc")
+def test_a_client_that_hangs_up_stops_its_job_on_the_replica(on_ray_base):
+    """A client gone mid-run: the ingress cancels the call's stream and the replica stops after its current step:
+    its process goes idle (the endless job left running would keep a core busy for minutes)."""
+    host, port = on_ray_base.removeprefix("http://").split(":")
+    body = json.dumps({**ENDLESS, "seed": 3, "force_task_id": "gone"}).encode()
+    with socket.create_connection((host, int(port)), timeout=WAIT_S) as raw:
+        raw.sendall(
+            b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: (task(on_ray_base, "gone")["progress"] or 0) > 0, "the job's first step")
+        busy = replica_cpu_seconds()
+        time.sleep(1.0)
+        assert replica_cpu_seconds() - busy > 0.5  # the signal: a running job keeps a replica's core busy
+    wait_until(lambda: task(on_ray_base, "gone")["completed"], "the ingress to notice the client left")
+    time.sleep(1.0)  # the step it was in ends
+    idle = replica_cpu_seconds()
+    time.sleep(2.0)
+    assert replica_cpu_seconds() - idle < 0.5, "a replica kept running the job of a client that left"
+    assert post(on_ray_base, "/sdapi/v1/txt2img", BODY).status_code == 200
 
 
 def replica_actors() -> list[str]:
