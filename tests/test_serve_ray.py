@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -377,6 +378,23 @@ def test_the_serve_app_builder_names_a_bad_option(args, message):
 
     with pytest.raises(KolorsError, match=message):
         app(args)
+
+
+def test_the_readme_rayservice_manifest_builds_the_app(tiny_model_dir):
+    """README's KubeRay RayService example (not run here: no Kubernetes) names the app this module exports and
+    passes it options it takes, as YAML types: its serveConfigV2 builds the application, with the model folder
+    swapped for the tiny one and the GPU replicas' options kept."""
+    yaml = pytest.importorskip("yaml")
+    from kolors.serve import on_ray
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: RayService" in b)
+    manifest = yaml.safe_load(block)
+    (application,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert (module, name) == ("kolors.serve.on_ray", "app")
+    built = on_ray.app({**application["args"], "model": str(tiny_model_dir)})
+    assert built is not None
 
 
 def test_the_cli_hands_ray_absolute_paths_and_its_options(tiny_model_dir, fake_serve, monkeypatch, tmp_path):
