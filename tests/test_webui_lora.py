@@ -8,16 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_webui import (  # noqa: F401  (skips the module without a browser)
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    TIMEOUT_MS,
+from tests.test_webui import (  # noqa: F401  (skips the module without a browser; the browser fixture)
     Server,
+    browser,
     download_newest,
     generate,
     open_page,
     set_number,
-    sync_api,
     wait_for_samplers,
 )
 
@@ -35,21 +32,6 @@ def server(tiny_model_dir, lora_dir):  # noqa: F811
     s = Server(create_app(pipe, config))
     yield s
     s.close()
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            accept_downloads=True,
-        )
-        context.set_default_timeout(TIMEOUT_MS)
-        yield context
-        context.close()
 
 
 def test_lora_picker_writes_the_tag_and_the_image_records_it(browser, server, lora_dir, tmp_path):  # noqa: F811
