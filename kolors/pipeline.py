@@ -1183,6 +1183,13 @@ class KolorsPipeline:
             for u, h in zip(units, rows_from, strict=True)
         ]
         hints = [u.model.prepare_hint(u.image) for u in units]  # the control images embedded, once too
+        # Each ControlNet's residual weights, the same at every step its window keeps (keep is 0 or 1).
+        unit_scales = [
+            u.scale
+            if u.mode == "guess"
+            else control.residual_scales(u.mode, u.scale, len(u.model.controlnet_down_blocks) + 1)
+            for u in units
+        ]
         steps = len(timesteps)
         keeps = [control.keep_window(u.start, u.end, steps) for u in units]
         if image_prompts:  # the image prompts' keys and values beside the text's, once too
@@ -1206,15 +1213,12 @@ class KolorsPipeline:
             unet_in = x_in if extra_channels is None else torch.cat([x_in, extra_channels], dim=1)
             t = t_device[i].expand(x_in.shape[0])
             down, mid = None, None
-            for unit, unit_context, hint, keep, h in zip(
-                units, control_contexts, hints, keeps, rows_from, strict=True
+            for unit, unit_context, hint, keep, h, scales in zip(
+                units, control_contexts, hints, keeps, rows_from, unit_scales, strict=True
             ):
-                scale = unit.scale * keep[i]
-                if scale == 0.0:
+                if unit.scale * keep[i] == 0.0:
                     continue
                 guess = unit.mode == "guess"
-                residuals = len(unit.model.controlnet_down_blocks) + 1
-                scales = scale if guess else control.residual_scales(unit.mode, scale, residuals)
                 d, m = unit.model(
                     x_in[h:], t[h:], unit_context, pooled[h:], time_ids[h:], hint, scales, guess
                 )
