@@ -8,8 +8,9 @@ a fused output instead of two); float32 keeps diffusers' sequence of operations,
 Packing (`pack_weights`) is a separate pass over a loaded model, as gpt-fast swaps in int8 layers: every module
 with a `pack()` method reorders its weight into oneDNN's blocked layout for this CPU, once, instead of oneDNN
 reordering it at every call (for the dtypes of PACKED_DTYPES: bf16 where the fast path runs, and float32's
-linears, where a packed matmul also runs with fused bias, residual add or GELU). A model is loaded plain; the pipeline then packs it, or has the loader apply the same
-pass to each weight as it arrives (`packer`), so that the plain and packed weights never both exist.
+linears, where a packed matmul also runs with fused bias, residual add or GELU). A model is loaded plain; the
+pipeline then packs it, or has the loader apply the same pass to each weight as it arrives (`packer`), so that
+the plain and packed weights never both exist.
 
 The adapter seam: every linear and convolution here has a `lora` attribute, None unless an adapter
 (kolors.adapters.lora) sets it to a callable giving the low-rank term for the layer's input. The forward adds that
@@ -40,8 +41,8 @@ FAST_CPU_DTYPES: set[torch.dtype] = (
 
 
 # Dtypes whose linear weights the pack pass packs on the CPU. float32 too on x86, where oneDNN's packed fp32 matmul
-# runs the UNet's linears 10-25% faster than F.linear (BENCHMARKS.md): the linears only, with everything else on
-# float32's plain path (its convolutions packed for one input size ran several times slower at another).
+# runs the deepest level's linears (most of the UNet's) 9-23% faster than F.linear and the others about as fast
+# (BENCHMARKS.md): the linears only, everything else on float32's plain path (see _pays).
 PACKED_DTYPES: set[torch.dtype] = FAST_CPU_DTYPES | (
     {torch.float32}
     if torch.backends.mkldnn.is_available()
@@ -209,17 +210,17 @@ def _pack_if_it_pays(model: nn.Module, key: str, pack: Callable[[], None]) -> No
 
 
 def _pays(module: nn.Module, dtype: torch.dtype) -> bool:
-    # float32 convolutions stay plain: packed for one input size, they ran several times slower at another
-    # (BENCHMARKS.md), and their plain path is as fast as the packed one at the size it was packed for.
+    # float32 convolutions stay plain: packed for one input size they ran up to 4.8x slower at another
+    # (BENCHMARKS.md), and a generation's sizes vary; bf16's barely depend on it.
     return not (isinstance(module, Conv2d) and dtype not in FAST_CPU_DTYPES)
 
 
 def pack_weights(model: nn.Module) -> None:
     """Pack every per-step convolution and matmul weight of a loaded model into oneDNN's layout for this CPU:
     identical results up to rounding, a faster step (BENCHMARKS.md). For the dtypes of PACKED_DTYPES on a CPU
-    (float32 packs its linears only), not under torch.compile, and one way: the packed weights leave the state_dict, so a step that changes
-    weights (an adapter) runs before this pass. Weights that run once per call (a text projection, the time
-    MLPs) are PlainLinear and stay as they are."""
+    (float32 packs its linears only), not under torch.compile, and one way: the packed weights leave the
+    state_dict, so a step that changes weights (an adapter) runs before this pass. Weights that run once per call
+    (a text projection, the time MLPs) are PlainLinear and stay as they are."""
     for key, pack in packable(model).items():
         _pack_if_it_pays(model, key, pack)
         return_freed_memory()  # else the freed plain weights stay resident

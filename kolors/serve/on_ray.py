@@ -8,7 +8,8 @@ replicas through a DeploymentHandle instead of running it. Ray Serve spreads tho
 with autoscaling, adds replicas while calls wait.
 
 A call streams its steps back to the ingress (the latest at most every PROGRESS_S), so /sdapi/v1/progress and
-/internal/progress move with previews as on one machine: the ingress's queue holds every job, so it knows which replica runs which task.
+/internal/progress move with previews as on one machine: the ingress's queue holds every job, so it knows which
+replica runs which task.
 A client gone cancels the stream, which stops the replica after its current step. An A1111 interrupt instead
 sets the call's flag in Ray's key-value store (the GCS, which the ingress and every replica reach; a stream
 carries nothing back to a replica), which the replica reads at each step: it then stops and decodes the image
@@ -207,7 +208,8 @@ class Replica:
         """One pipeline call as events: ("step", step, steps, first image's denoised latents or None) for its
         latest step at most every PROGRESS_S, then ("done", generate's list) or ("error", is_kolors_error, one
         line). Ray Serve cancels this generator when the ingress cancels the call (a client gone): the call then
-        stops after its current step. An interrupt of the call's `key` (Stops) stops it there too, with its images as far as they got."""
+        stops after its current step. An interrupt of the call's `key` (Stops) stops it there too, with its images
+        as far as they got."""
         from kolors.pipeline import StopSampling, generate, lora_hashes
         from kolors.serve.jobs import Interrupted
 
