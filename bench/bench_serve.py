@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -37,12 +36,6 @@ if __package__ in (None, ""):  # run as `python bench/bench_serve.py`: the repo 
     sys.path.insert(0, str(ROOT))
 
 TIMEOUT = 1800.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def body(args, seed: int) -> dict:
@@ -111,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} CPUs; {args.requests} requests a round, {args.concurrency} at a time, {args.repeats} rounds"
     )
     print("ray: through Serve's proxy" if args.via_proxy else "ray: the ingress's own port (direct ingress)")
-    port = free_port()
+    port = on_ray.free_port("127.0.0.1")
     if not args.via_proxy:  # as `kolors serve --ray` sets up the local Ray it starts
         direct_port = port
         os.environ.update(on_ray.direct_ingress_env(direct_port))
-        port = free_port()
+        port = on_ray.free_port("127.0.0.1")
     ray.init(
         num_cpus=max(counts),  # logical: one per replica (the ingress reserves none); the machine has 2
         include_dashboard=False,

@@ -28,13 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from ray import serve
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from kolors.serve.on_ray import free_port
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -120,13 +114,13 @@ def main() -> None:
     settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
     print("settings:", settings or "Ray Serve's defaults", "(access log off)" if args.no_access_log else "")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
+    port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     logging = {"enable_access_log": False} if args.no_access_log else None
     worker = Worker.options(logging_config=logging) if logging else Worker
     ingress = Ingress.options(logging_config=logging) if logging else Ingress
     serve.run(ingress.bind(worker.bind()), route_prefix="/")
-    lport = free_port()
+    lport = free_port("127.0.0.1")
     server = uvicorn.Server(uvicorn.Config(local, port=lport, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     time.sleep(2)

@@ -39,19 +39,13 @@ LONG = {**BODY, "steps": 100, "width": 128, "height": 128}  # seconds on a repli
 ENDLESS = {**LONG, "steps": 4000}  # minutes on a replica: it runs until interrupted
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_bases(tiny_model_dir):
     """The base URLs of the app on Ray Serve, 2 replicas of half a CPU each (one torch thread, as here): the
     ingress's own port, as `kolors serve --ray` sets up a local Ray (Serve's direct ingress), and Serve's proxy,
     the way on a cluster."""
     root = str(Path(__file__).resolve().parents[1])  # the replicas import this checkout's kolors
-    direct, port = free_port(), free_port()
+    direct, port = on_ray.free_port("127.0.0.1"), on_ray.free_port("127.0.0.1")
     with on_ray.environ(on_ray.direct_ingress_env(direct)):
         ray.init(
             num_cpus=2,
