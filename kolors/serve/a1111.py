@@ -17,6 +17,7 @@ from kolors.serve.control import a1111_control_units
 from kolors.serve.http import A1111_ERRORS, error_docs, require_key
 from kolors.serve.schemas import (
     A1111_SCHEDULES,
+    ADAPTER_NEEDED,
     A1111Response,
     Detail,
     Img2ImgRequest,
@@ -66,15 +67,12 @@ async def reference_image(body, request: Request) -> dict:
     """The IP-Adapter unit's reference image and weight and the FaceID unit's face photo and weight
     (sd-webui-controlnet's shape), as a1111_calls keywords."""
     found = {}
-    for kind, unit_of, needs in (
-        ("ip", ip_adapter_unit, "an IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"),
-        ("face", face_unit, "a FaceID adapter loaded; start it with --faceid PATH_OR_REPO"),
-    ):
+    for kind, unit_of in (("ip", ip_adapter_unit), ("face", face_unit)):
         unit = unit_of(body.alwayson_scripts)
         if unit is None:
             continue
         if not request.app.state.image_prompts.get(kind):
-            raise RequestError(unit[0], f"this server has no {needs}")
+            raise RequestError(unit[0], f"this server has no {ADAPTER_NEEDED[kind]}")
         found[kind] = unit
     cfg = config(request)
 

@@ -18,6 +18,7 @@ from kolors.request import MASKED_CONTENT, MAX_SEED, GenerationRequest
 from kolors.serve.control import openai_control_units
 from kolors.serve.http import OPENAI_ERRORS, error_docs, require_key
 from kolors.serve.schemas import (
+    ADAPTER_NEEDED,
     MAX_PROMPT_CHARS,
     Detail,
     OpenAIImage,
@@ -95,11 +96,8 @@ async def generations(body: OpenAIImageRequest, request: Request) -> OpenAIImage
     return await respond(request, call, body.response_format)
 
 
-# An image prompt's field -> (the adapter it needs, the server option that loads it)
-IMAGE_PROMPTS = {
-    "ip_adapter_image": ("ip", "an IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO"),
-    "face_image": ("face", "a FaceID adapter loaded; start it with --faceid PATH_OR_REPO"),
-}
+# An image prompt's field -> the kind of adapter it needs
+IMAGE_PROMPTS = {"ip_adapter_image": "ip", "face_image": "face"}
 
 
 def form_numbers(text: str | None, field: str) -> list[float] | None:
@@ -122,9 +120,9 @@ async def reference_image(data: str | UploadFile | None, request: Request, field
     base64 in JSON, a file in the multipart edits route), or None."""
     if data is None:
         return None
-    kind, needs = IMAGE_PROMPTS[field]
+    kind = IMAGE_PROMPTS[field]
     if not request.app.state.image_prompts.get(kind):
-        raise RequestError(field, f"this server has no {needs}")
+        raise RequestError(field, f"this server has no {ADAPTER_NEEDED[kind]}")
     cfg = config(request)
     raw = None
     if not isinstance(data, str):

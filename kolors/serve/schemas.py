@@ -518,6 +518,13 @@ def is_face_unit(unit) -> bool:
     return "face_id" in module or "faceid" in module or ("auto" in module and "faceid" in model)
 
 
+# What a server needs for each kind of image prompt, in the one-line error when it lacks it.
+ADAPTER_NEEDED = {
+    "ip": "an IP-Adapter loaded; start it with --ip-adapter PATH_OR_REPO",
+    "face": "a FaceID adapter loaded; start it with --faceid PATH_OR_REPO",
+}
+
+
 def ip_adapter_unit(scripts: dict | None) -> tuple[str, str, float] | None:
     """(field, base64 image, weight) of the IP-Adapter unit of an A1111 request, as webuiapi's ControlNetUnit sends
     it (`module` "ip-adapter...", `image` base64 or {"image": base64}, `weight`); None without one."""
