@@ -12,7 +12,7 @@ A call streams its steps back to the ingress (the latest at most every PROGRESS_
 replica runs which task.
 A client gone cancels the stream, which stops the replica after its current step. An A1111 interrupt instead
 sets the call's flag in Ray's key-value store (the GCS, which the ingress and every replica reach; a stream
-carries nothing back to a replica), which the replica reads at each step: it then stops and decodes the image
+carries nothing back to a replica), which the replica reads at most every STOP_POLL_S: it then stops and decodes the image
 as far as it got, so the answer has the running call's partial image, as AUTOMATIC1111's does.
 
 On a Ray it starts, `run` turns on Serve's direct ingress: the ingress answers HTTP on the server's port itself,
@@ -155,7 +155,8 @@ class Scaling:
 class Stops:
     """A1111 interrupts for calls running on replicas, by call key, in Ray's GCS key-value store. The store is
     Ray's internal one (ray.experimental.internal_kv, which Ray Serve keeps its own state in): a key is set
-    once per interrupt and read once per step, a round trip to the GCS of about a millisecond."""
+    once per interrupt and read at most every STOP_POLL_S, a round trip to the GCS of about 0.4 ms
+    (BENCHMARKS.md)."""
 
     NAMESPACE = "kolors-interrupts"
 
